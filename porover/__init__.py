@@ -1,0 +1,1 @@
+"""porover: overgeneration and preference optimisation for safe, non-overrefusing language models."""

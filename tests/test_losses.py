@@ -1,0 +1,93 @@
+"""Log-probs and the SFT loss: hand-computed values, fp32, padding invariance, global token mean."""
+import math
+
+import pytest
+import torch
+
+from porover import chat
+from porover.losses import sequence_logps, sft_loss, token_logps
+from tests.conftest import tiny_llama
+
+
+def test_sft_loss_equals_hand_cross_entropy():
+    """Vocabulary of 3; the response is tokens 1..2 of [0, 2, 1] (loss_mask [0, 1, 1]).
+    Logits at position 0 = [0, 0, ln 2] predict token 2: p = 2/4 -> -ln(1/2) = ln 2.
+    Logits at position 1 = [ln 3, 0, 0] predict token 1: p = 1/5 -> ln 5.
+    Position 2's logits predict nothing. Mean over the 2 response tokens: (ln 2 + ln 5)/2 = ln(10)/2."""
+    logits = torch.tensor([[[0.0, 0.0, math.log(2)], [math.log(3), 0.0, 0.0], [9.0, 9.0, 9.0]]])
+    ids, mask = torch.tensor([[0, 2, 1]]), torch.tensor([[0, 1, 1]])
+    assert sft_loss(logits, ids, mask, num_tokens=2).item() == pytest.approx(math.log(10) / 2, abs=1e-6)
+    assert sequence_logps(logits, ids, mask, "sum").item() == pytest.approx(-math.log(10), abs=1e-6)
+    assert sequence_logps(logits, ids, mask, "mean").item() == pytest.approx(-math.log(10) / 2, abs=1e-6)
+    with pytest.raises(ValueError):
+        sequence_logps(logits, ids, mask, "avg")
+
+
+def test_logps_are_fp32_from_a_bf16_model():
+    model = tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(3, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    out = sequence_logps(logits, ids, mask, "sum")
+    assert out.dtype == torch.float32
+    ref = torch.log_softmax(logits.double(), -1)[:, :-1].gather(2, ids[:, 1:, None]).squeeze(-1).sum(-1)
+    assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-4)
+
+
+def _items(smol_tok, responses):
+    tok, eot = smol_tok
+    p = chat.encode_prompt(tok, [{"role": "user", "content": "Tell me something."}])
+    return [chat.build_example(p, chat.encode_response(tok, r, eot), 512) for r in responses]
+
+
+def test_padding_and_batch_partner_do_not_change_logps(smol_tok):
+    model = tiny_llama().eval()
+    tok, _ = smol_tok
+    items = _items(smol_tok, ["Short.", "A much longer answer that goes on for quite a few more tokens than that."])
+
+    def logps(batch_items):
+        b = chat.collate(batch_items, tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return sequence_logps(logits, b["input_ids"], b["loss_mask"], "sum")
+
+    alone = logps(items[:1])
+    together = logps(items)
+    assert torch.allclose(alone, together[:1], rtol=1e-6, atol=1e-3)  # SPEC §9.2: different batching
+    assert torch.equal(logps(items[:1]), alone)                        # identical batching: exact
+    # A wrong mask (padding counted) moves the sum by whole nats, far outside the tolerance.
+    b = chat.collate(items, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    wrong = sequence_logps(logits, b["input_ids"], b["attention_mask"], "sum")
+    assert (wrong[0] - alone[0]).abs() > 1.0
+
+
+def test_global_token_mean_accumulation_equals_one_batch(smol_tok):
+    """Four uneven responses: one batch of 4 versus 4 micro-batches of 1, each divided by the number of
+    response tokens in the whole batch. A per-micro-batch mean would weight short responses more."""
+    tok, _ = smol_tok
+    items = _items(smol_tok, ["Yes.", "No, not at all, and here is why in some detail.", "Maybe so.",
+                              "It depends on many things: the weather, the time and your mood."])
+    n_tokens = sum(sum(it["loss_mask"]) for it in items)  # the first token is never a response token
+
+    def grads(micro_batches):
+        model = tiny_llama()
+        for mb in micro_batches:
+            b = chat.collate(mb, tok.pad_token_id)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            sft_loss(logits, b["input_ids"], b["loss_mask"], n_tokens).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    one, accumulated = grads([items]), grads([[it] for it in items])
+    for name in one:
+        assert torch.allclose(one[name], accumulated[name], rtol=1e-5, atol=1e-8), name
+
+
+def test_token_logps_zero_outside_mask():
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
+    out = token_logps(logits, ids, mask)
+    assert out.shape == (2, 4) and out[0, 0] == 0 and out[0, 3] == 0 and (out[1] < 0).all()
