@@ -103,6 +103,26 @@ def tokenize_sft(tokenizer, eot_id, examples, max_length, max_prompt_length=None
     return out, counts
 
 
+def tokenize_pairs(tokenizer, eot_id, examples, max_length, max_prompt_length=None) -> tuple[list[dict], Counter]:
+    """Preference pairs as {"chosen": item, "rejected": item}, both sides sharing the prompt ids; a pair is
+    skipped (counted) when either side is."""
+    counts, out = Counter(), []
+    for ex in examples:
+        prompt, pair = encode_prompt(tokenizer, ex["prompt"]), {}
+        for side in ("chosen", "rejected"):
+            side_counts = Counter()
+            pair[side] = build_example(prompt, encode_response(tokenizer, ex[side], eot_id), max_length,
+                                       max_prompt_length, side_counts)
+            for k, v in side_counts.items():  # prompt events happen to both sides alike: count them once
+                if not (k.startswith("prompt") and side == "rejected"):
+                    counts[k if k.startswith("prompt") else f"{side}_{k}"] += v
+            if pair[side] is None:  # no room for a response after the prompt
+                break
+        else:
+            out.append(pair)
+    return out, counts
+
+
 def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest item: input_ids, attention_mask, loss_mask, each (B, T)."""
     T = max(len(it["input_ids"]) for it in items)
@@ -113,6 +133,11 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["attention_mask"].append([1] * n + [0] * (T - n))
         batch["loss_mask"].append(it["loss_mask"] + [0] * (T - n))
     return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def collate_pairs(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen then rejected in one (2B, T) batch, so the policy runs one forward for both."""
+    return collate([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_id)
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int, group: int = 64) -> list[int]:

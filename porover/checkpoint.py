@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
@@ -39,7 +40,7 @@ def save(root: Path, step: int, model, optimizer, state: dict, keep_last: int | 
         tmp.mkdir(parents=True)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=not tdist.is_initialized())
     torch.save(_rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
     if dist.rank() == 0:
         write_json(tmp / "state.json", {"step": step, "world_size": dist.world_size(), **state})
@@ -75,7 +76,7 @@ def load(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG in place; return state.json."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=path)
+    dcp.load(sd, checkpoint_id=path, no_dist=not tdist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rng_file = path / f"rng_rank{dist.rank()}.pt"
     if rng_file.exists():  # absent when resuming on more ranks than saved: data order stays exact anyway

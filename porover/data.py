@@ -84,5 +84,33 @@ def read_sft(path) -> tuple[list[dict], Counter]:
     return examples, skipped
 
 
+def _side(obj, key, path, lineno) -> tuple[str, list[dict] | None]:
+    """A preference side: a string, or a message list ending with the assistant's answer (whose earlier
+    messages are the prompt when the record has no `prompt`)."""
+    if isinstance(obj.get(key), list):
+        msgs = _messages(obj, key, path, lineno)
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise DataError(f"{path}:{lineno}: field {key!r} must end with an assistant message")
+        return msgs[-1]["content"], msgs[:-1]
+    return _field(obj, key, path, lineno), None
+
+
+def read_pref(path) -> tuple[list[dict], Counter]:
+    """Preference pairs as {"prompt": messages, "chosen": str, "rejected": str, "meta": record}, and skip
+    counts (an empty side, or chosen identical to rejected, teaches nothing)."""
+    examples, skipped = [], Counter()
+    for lineno, obj in read_jsonl(path):
+        chosen, context = _side(obj, "chosen", path, lineno)
+        rejected, _ = _side(obj, "rejected", path, lineno)
+        prompt = prompt_messages(obj, path, lineno) if "prompt" in obj or context is None else context
+        if not chosen.strip() or not rejected.strip():
+            skipped["empty_chosen" if not chosen.strip() else "empty_rejected"] += 1
+        elif chosen.strip() == rejected.strip():
+            skipped["chosen_equals_rejected"] += 1
+        else:
+            examples.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "meta": obj})
+    return examples, skipped
+
+
 def format_counts(counts: Counter) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"

@@ -40,3 +40,68 @@ def sft_loss(logits, input_ids, loss_mask, num_tokens: int | float) -> torch.Ten
     responses weigh per token, not per example. At initialisation (uniform logits) L = ln V.
     """
     return -token_logps(logits, input_ids, loss_mask).sum() / num_tokens
+
+
+# ---- Preference losses --------------------------------------------------------------------------------
+# Each takes per-pair sequence log-probs, (B,) fp32 tensors, aggregated as the loss's `logp_agg` says
+# (sum or token mean, see sequence_logps), and returns per-pair losses (B,); the trainer averages them over
+# the global batch. h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)].
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             label_smoothing=0.0):
+    """DPO, Rafailov et al. 2023, eq. 7: L = -log sigmoid(beta h). With label smoothing eps (conservative
+    DPO, labels flipped with probability eps): L = -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    At initialisation (pi = ref, h = 0): L = ln 2 for every eps. Default agg: sum."""
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """IPO, Azar et al. 2023, eq. 17 (beta plays tau's role): L = (h - 1/(2 beta))^2, regressing the
+    log-ratio margin onto 1/(2 beta) instead of pushing it to infinity. At initialisation (h = 0):
+    L = 1/(4 beta^2). Default agg: token mean (the convention of the HF preference-tuning write-up)."""
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Hinge on the reference-normalised margin (the SLiC-style hinge applied to h, as in RSO, Liu et al.
+    2023): L = max(0, 1 - beta h). Not SLiC-HF's reference-free calibration loss. At initialisation
+    (h = 0): L = 1. Default agg: sum."""
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return torch.relu(1 - beta * h)
+
+
+def robust_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                label_smoothing=0.1):
+    """Robust DPO (rDPO), Chowdhury et al. 2024, for preference labels flipped with known rate eps < 1/2:
+    L = [(1-eps) (-log sigmoid(beta h)) - eps (-log sigmoid(-beta h))] / (1 - 2 eps), an unbiased estimate
+    of the clean-label DPO loss. At initialisation (h = 0): L = ln 2. Default agg: sum; eps 0.1."""
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    eps = label_smoothing
+    return ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+               simpo_gamma=1.0):
+    """SimPO, Meng et al. 2024, reference-free (the ref arguments are ignored, and None):
+    L = -log sigmoid(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma), so the log-probs must be
+    token means. At initialisation L = -log sigmoid(beta (mean_w - mean_l) - gamma), which is
+    log(1 + e^gamma) = 1.313 when the two means are equal. Defaults: beta 2.0, gamma 1.0 (gamma/beta = 0.5)."""
+    return -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps) - simpo_gamma)
+
+
+# name -> (function, defaults). One table: a new loss is a function above and one line here.
+PREFERENCE_LOSSES = {
+    "dpo": (dpo_loss, {"beta": 0.1, "logp_agg": "sum", "label_smoothing": 0.0}),
+    "ipo": (ipo_loss, {"beta": 0.1, "logp_agg": "mean"}),
+    "hinge": (hinge_loss, {"beta": 0.1, "logp_agg": "sum"}),
+    "robust": (robust_loss, {"beta": 0.1, "logp_agg": "sum", "label_smoothing": 0.1}),
+    "simpo": (simpo_loss, {"beta": 2.0, "logp_agg": "mean", "simpo_gamma": 1.0, "reference_free": True}),
+}
+
+
+def nll_term(policy_chosen_token_mean_logps):
+    """RPO's NLL term (Pang et al. 2024): -(1/|y_w|) log pi(y_w|x) per pair, added with weight
+    --nll_weight to keep the chosen likelihood from falling, which DPO often lets happen."""
+    return -policy_chosen_token_mean_logps

@@ -1,12 +1,116 @@
-"""What both trainers share: the learning-rate schedule, the data order and how each global batch is
-split over micro-steps and ranks, and the metrics file."""
+"""What both trainers share: the common flags, the learning-rate schedule, the data order and how each
+global batch is split over micro-steps and ranks, resuming, and the metrics file."""
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from porover import checkpoint, dist
 from porover.chat import length_grouped_order
+
+
+@dataclass
+class TrainConfig:
+    """Flags shared by train_sft.py and train_pref.py (SPEC §10)."""
+    model: str = "smollm2-135m"
+    data: str = ""
+    eval_data: str | None = None
+    out_dir: str = ""
+    chat_template: str | None = None  # None: the tokenizer's own; "chatml" or a file for base models
+    max_length: int = 512
+    max_prompt_length: int | None = None  # longer prompts keep their end; None: never cut a prompt
+    epochs: int | None = None  # default 1 when --max_steps is not given
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    group_by_length: bool = False
+    seed: int = 1337
+    dtype: Literal["bf16", "fp32"] | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
+    strategy: Literal["ddp"] = "ddp"
+    grad_checkpointing: bool = False
+    eval_every: int | None = None
+    save_every: int | None = None
+    export_every: int | None = None
+    keep_last: int | None = None
+    resume: bool = False
+    log_every: int = 1
+
+
+def config_errors(cfg: TrainConfig) -> list[str]:
+    """Contradictory or unused settings: each is an error, never a silent no-op (SPEC §9.11)."""
+    errors = []
+    if cfg.epochs is not None and cfg.max_steps is not None:
+        errors.append("give --epochs or --max_steps, not both")
+    if cfg.eval_every is not None and cfg.eval_data is None:
+        errors.append("--eval_every needs --eval_data")
+    if cfg.keep_last is not None and cfg.save_every is None:
+        errors.append("--keep_last needs --save_every")
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length - 1:
+        errors.append("--max_prompt_length must leave room for a response within --max_length")
+    for k in ("batch_size", "grad_accum", "max_length", "epochs", "max_steps", "eval_every", "save_every",
+              "export_every", "keep_last", "log_every"):
+        if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
+            errors.append(f"--{k} must be at least 1")
+    if not 0 <= cfg.warmup_ratio < 1:
+        errors.append("--warmup_ratio must be in [0, 1)")
+    return errors
+
+
+def wrap(model, cfg: TrainConfig, device, world):
+    """Gradient checkpointing and data parallelism around the fp32 master model."""
+    if cfg.grad_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+
+
+def precision(cfg: TrainConfig, device):
+    """(dtype name, autocast context): bf16 autocast over fp32 master weights on CUDA by default, fp32 on
+    CPU. Log-softmax and log-prob sums stay fp32 either way (porover.losses)."""
+    dtype = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    return dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def save_and_export(cfg: TrainConfig, step, max_steps, model, optimizer, tokenizer, samples_seen, meta):
+    """Checkpoints every --save_every steps and at the end, exports every --export_every, and the final
+    consolidated model in out_dir/final."""
+    out = Path(cfg.out_dir)
+    if cfg.save_every and (step % cfg.save_every == 0 or step == max_steps):
+        checkpoint.save(out / "checkpoints", step, model, optimizer,
+                        {"samples_seen": samples_seen, "config": dataclasses.asdict(cfg)}, cfg.keep_last)
+    if cfg.export_every and step % cfg.export_every == 0 and step < max_steps:
+        checkpoint.export(model, tokenizer, out / "exports" / f"step_{step:08d}", {"step": step, **meta})
+    if step == max_steps:
+        checkpoint.export(model, tokenizer, out / "final", {"step": step, **meta})
+        dist.print0(f"saved {out / 'final'}")
+
+
+def resume(cfg: TrainConfig, model, optimizer) -> tuple[int, int, bool]:
+    """(step, global sample index, resumed?) from the newest complete checkpoint when --resume is set."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    path = checkpoint.latest(root) if cfg.resume else None
+    if path is None:
+        if cfg.resume:
+            dist.print0(f"--resume: no complete checkpoint in {root}, starting from scratch")
+        return 0, 0, False
+    checkpoint.check_config(json.loads((path / "state.json").read_text())["config"], dataclasses.asdict(cfg))
+    state = checkpoint.load(path, model, optimizer)
+    dist.print0(f"resumed from {path} at step {state['step']}, global sample {state['samples_seen']}")
+    return state["step"], state["samples_seen"], True
+
+
+def format_row(row: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int) -> float:

@@ -3,7 +3,6 @@ import sys
 from contextlib import nullcontext
 from functools import partial
 
-import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 

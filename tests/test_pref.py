@@ -1,0 +1,290 @@
+"""train_pref.py and the preference losses: hand-computed values, step 0, reference log-probs (online,
+precomputed, cached), learning on the embedded model, resume, and input rules."""
+import json
+import math
+import re
+from functools import partial
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import train_pref
+from porover import chat, checkpoint, losses, reference
+from porover.data import DataError, read_pref
+from tests.conftest import tiny_llama
+from tests.test_train_sft import assert_same_state, restored
+
+
+# ---- losses against hand-computed values --------------------------------------------------------------
+
+@pytest.mark.parametrize("beta,h,dpo,dpo_ls,ipo,hinge,robust,simpo", [
+    (0.1, -1, 0.744397, 0.734397, 36.0, 1.1, 0.756897, 1.387335),
+    (0.1, 0, 0.693147, 0.693147, 25.0, 1.0, 0.693147, 1.313262),
+    (0.1, 2, 0.598139, 0.618139, 9.0, 0.8, 0.573139, 1.171101),
+    (0.5, -1, 0.974077, 0.924077, 4.0, 1.5, 1.036577, 1.701413),
+    (0.5, 0, 0.693147, 0.693147, 1.0, 1.0, 0.693147, 1.313262),
+    (0.5, 2, 0.313262, 0.413262, 1.0, 0.0, 0.188262, 0.693147),
+])
+def test_losses_by_hand(beta, h, dpo, dpo_ls, ipo, hinge, robust, simpo):
+    """With S(x) = log(1 + e^x) = -log sigmoid(-x), and the margin h put on the chosen policy log-prob:
+    dpo = S(-beta h); dpo with eps = 0.1: 0.9 S(-beta h) + 0.1 S(beta h); ipo = (h - 1/(2 beta))^2;
+    hinge = max(0, 1 - beta h); robust (eps 0.1) = (0.9 S(-beta h) - 0.1 S(beta h)) / 0.8;
+    simpo (gamma 1, reference-free, h = difference of mean log-probs) = S(-(beta h - 1)).
+    E.g. beta 0.5, h 2: S(-1) = ln(1 + 1/e) = 0.313262; S(1) = 1.313262; robust (0.281936 - 0.131326)/0.8."""
+    pc, pr, rc, rr = torch.tensor([float(h)]), torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    # The same h from non-zero reference log-probs: only the differences matter.
+    pc2, pr2, rc2, rr2 = torch.tensor([h - 7.0]), torch.tensor([-3.0]), torch.tensor([-7.0]), torch.tensor([-3.0])
+    for args in ((pc, pr, rc, rr), (pc2, pr2, rc2, rr2)):
+        assert losses.dpo_loss(*args, beta).item() == pytest.approx(dpo, abs=1e-6)
+        assert losses.dpo_loss(*args, beta, label_smoothing=0.1).item() == pytest.approx(dpo_ls, abs=1e-6)
+        assert losses.ipo_loss(*args, beta).item() == pytest.approx(ipo, abs=1e-5)
+        assert losses.hinge_loss(*args, beta).item() == pytest.approx(hinge, abs=1e-6)
+        assert losses.robust_loss(*args, beta, label_smoothing=0.1).item() == pytest.approx(robust, abs=1e-6)
+    assert losses.simpo_loss(pc, pr, None, None, beta, simpo_gamma=1.0).item() == pytest.approx(simpo, abs=1e-6)
+
+
+def test_sum_and_mean_aggregation_feed_the_losses():
+    """Chosen response of 2 tokens with log-probs (-1, -1), rejected of 4 tokens with (-1, -1, -1, -1); the
+    reference gives 0 to every token (uniform logits over a vocabulary of 1 is degenerate, so we build the
+    log-probs directly). Sum: h = -2 - (-4) = 2; mean: h = -1 - (-1) = 0. IPO at beta 0.5: sum (2 - 1)^2 = 1,
+    mean (0 - 1)^2 = 1; DPO at beta 0.5: sum S(-1) = 0.313262, mean ln 2."""
+    logits = torch.zeros(2, 5, 2)
+    logits[..., 1] = math.log(math.e - 1)  # softmax gives token 0 probability 1/e: log-prob -1
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    mask = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]])
+    s, m = losses.sequence_logps(logits, ids, mask, "sum"), losses.sequence_logps(logits, ids, mask, "mean")
+    assert s.tolist() == pytest.approx([-2, -4]) and m.tolist() == pytest.approx([-1, -1])
+    zero = torch.zeros(1)
+    assert losses.dpo_loss(s[:1], s[1:], zero, zero, 0.5).item() == pytest.approx(0.313262, abs=1e-6)
+    assert losses.dpo_loss(m[:1], m[1:], zero, zero, 0.5).item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+# ---- the model side --------------------------------------------------------------------------------------
+
+PAIRS = [{"prompt": "How do I kill a stuck process?", "chosen": "Use `kill PID`, or `kill -9 PID` if it ignores that.",
+          "rejected": "I can't help with that."},
+         {"prompt": "How do I shoot a good photo at night?",
+          "chosen": "Use a tripod, a wide aperture and a longer exposure; raise ISO only as needed.",
+          "rejected": "Sorry, I won't help with shooting."}]
+
+
+def write_pairs(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smol_path):
+    d = tmp_path_factory.mktemp("tiny_pref")
+    tiny_llama(dropout=0.1).save_pretrained(d)
+    AutoTokenizer.from_pretrained(smol_path).save_pretrained(d)
+    return str(d)
+
+
+def pair_batch(smol_tok, rows=PAIRS):
+    tok, eot = smol_tok
+    examples = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": r["chosen"],
+                 "rejected": r["rejected"]} for r in rows]
+    pairs, _ = chat.tokenize_pairs(tok, eot, examples, 256)
+    return pairs, partial(train_pref.collate, pad_id=tok.pad_token_id)
+
+
+def test_concatenated_forward_equals_separate_forwards(smol_tok):
+    model = tiny_llama().eval()
+    pairs, collate = pair_batch(smol_tok)
+    with torch.no_grad():
+        both, counts = reference.sequence_stats(model, collate(pairs), torch.autocast("cpu", enabled=False))
+        chosen = reference.sequence_stats(model, chat.collate([p["chosen"] for p in pairs], 2), torch.autocast("cpu", enabled=False))[0]
+        rejected = reference.sequence_stats(model, chat.collate([p["rejected"] for p in pairs], 2), torch.autocast("cpu", enabled=False))[0]
+    assert torch.allclose(both, torch.cat([chosen, rejected]), rtol=1e-6, atol=1e-3)  # SPEC §9.2: other padding
+    assert counts.tolist() == [sum(p[s]["loss_mask"]) for s in ("chosen", "rejected") for p in pairs]
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected(smol_tok):
+    """One SGD step on the DPO loss (reference = a frozen copy): the chosen log-prob goes up, the rejected
+    one down. A sign error in h or in the loss would do the opposite."""
+    policy, ref = tiny_llama(), tiny_llama().eval()
+    pairs, collate = pair_batch(smol_tok)
+    batch, off = collate(pairs), torch.autocast("cpu", enabled=False)
+    with torch.no_grad():
+        ref_c, ref_r = reference.sequence_stats(ref, batch, off)[0].chunk(2)
+        before_c, before_r = reference.sequence_stats(policy, batch, off)[0].chunk(2)
+    pc, pr = reference.sequence_stats(policy, batch, off)[0].chunk(2)
+    losses.dpo_loss(pc, pr, ref_c, ref_r, beta=0.1).mean().backward()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p -= 0.05 * p.grad
+        after_c, after_r = reference.sequence_stats(policy, batch, off)[0].chunk(2)
+    assert (after_c > before_c).all() and (after_r < before_r).all()
+
+
+def test_precomputed_equals_online(smol_tok, tmp_path):
+    model = tiny_llama().eval()
+    pairs, collate = pair_batch(smol_tok)
+    keys = [reference.pair_key(p, 256, None) for p in pairs]
+    off = torch.autocast("cpu", enabled=False)
+    ref, computed = reference.precompute(model, pairs, keys, tmp_path / "c.safetensors", 2, collate, "cpu", off)
+    assert computed == 2
+    with torch.no_grad():
+        online = reference.sequence_stats(model, collate(pairs), off)[0]
+    assert torch.equal(ref.T.reshape(-1).float(), online)  # identical batching: exact
+    one_by_one, _ = reference.precompute(model, pairs, keys, tmp_path / "d.safetensors", 1, collate, "cpu", off)
+    assert torch.allclose(one_by_one, ref, rtol=1e-6, atol=1e-3)  # other batching: SPEC §9.2
+    again, computed = reference.precompute(model, pairs, keys, tmp_path / "c.safetensors", 2, collate, "cpu", off)
+    assert computed == 0 and torch.equal(again, ref)
+
+
+def base_cfg(model, data, out, **kw):
+    return train_pref.Config(**{**dict(model=model, data=data, out_dir=str(out), max_steps=1, batch_size=2, lr=1e-3,
+                                       max_length=128, warmup_ratio=0.0), **kw})
+
+
+def rows(run):
+    return [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss,expected", [("dpo", math.log(2)), ("ipo", 1 / (4 * 0.1 ** 2)), ("hinge", 1.0),
+                                           ("robust", math.log(2))])
+@pytest.mark.parametrize("precompute", [False, True])
+def test_step_zero_policy_equals_reference(tiny_dir, tmp_path, loss, expected, precompute):
+    """Policy = reference, same weights and forward (a dropout-free checkpoint, since the policy trains with
+    dropout live and the reference runs in eval mode): online to 1e-6, precomputed (other batching) to 1e-4."""
+    model = str(tmp_path / "m")
+    tiny_llama(dropout=0.0).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(model)
+    data = write_pairs(tmp_path / "p.jsonl", PAIRS)
+    train_pref.main(base_cfg(model, data, tmp_path / "run", loss=loss, precompute_ref=precompute))
+    first = rows(tmp_path / "run")[0]
+    tol = 1e-4 if precompute else 1e-6
+    assert first["loss"] == pytest.approx(expected, abs=tol * max(1, expected))
+    assert abs(first["rewards/chosen"]) < tol and abs(first["rewards/rejected"]) < tol
+    assert first["rewards/accuracies"] == 0.0
+
+
+def ref_counts(capsys):
+    found = re.findall(r"reference log-probs: (\d+) cached, (\d+) computed", capsys.readouterr().out)
+    return tuple(int(x) for x in found[-1])
+
+
+def test_reference_cache_invalidation(tiny_dir, tmp_path, capsys):
+    model = str(tmp_path / "m")
+    tiny_llama(dropout=0.0).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(model)
+    rows4 = PAIRS + [{"prompt": "Define arson.", "chosen": "Arson is the crime of deliberately setting fire to "
+                      "property.", "rejected": "I can't discuss crimes."},
+                     {"prompt": "How do I beat my brother at chess?", "chosen": "Control the centre early.",
+                      "rejected": "I won't help you beat anyone."}]
+    data = write_pairs(tmp_path / "p.jsonl", rows4)
+    out = tmp_path / "run"
+
+    def run(**kw):
+        train_pref.main(base_cfg(model, data, out, precompute_ref=True, **kw))
+        return ref_counts(capsys)
+    assert run() == (0, 4)
+    assert run(lr=5e-4, beta=0.2, seed=3) == (4, 0)          # nothing that the reference depends on
+    assert run(max_length=64) == (0, 4)                       # length settings
+    rows4[0]["chosen"] = "Run `kill -TERM PID` first."
+    write_pairs(tmp_path / "p.jsonl", rows4)
+    assert run() == (3, 1)                                    # one data line
+    tok_file = tmp_path / "m" / "tokenizer.json"
+    spec = json.loads(tok_file.read_text())
+    spec["added_tokens"].append({**spec["added_tokens"][-1], "id": max(t["id"] for t in spec["added_tokens"]) + 1,
+                                 "content": "<|unused_marker|>"})
+    tok_file.write_text(json.dumps(spec))
+    assert run() == (0, 4)                                    # a tokenizer file
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        m.model.norm.weight[0] += 1e-3
+    m.save_pretrained(model)
+    assert run() == (0, 4)                                    # one weight
+    assert run() == (4, 0)
+
+
+def test_resume_is_exact(tiny_dir, tmp_path, monkeypatch):
+    data = write_pairs(tmp_path / "p.jsonl", PAIRS * 3)
+    cfg = partial(base_cfg, tiny_dir, data, max_steps=4, batch_size=1, grad_accum=2, save_every=2, lr=1e-3)
+    train_pref.main(cfg(tmp_path / "a"))
+    monkeypatch.setenv(checkpoint.FAULT, "after_save:2")
+    with pytest.raises(SystemExit):
+        train_pref.main(cfg(tmp_path / "b"))
+    monkeypatch.delenv(checkpoint.FAULT)
+    train_pref.main(cfg(tmp_path / "b", resume=True))
+    assert_same_state(restored(tiny_dir, tmp_path / "a/checkpoints/step_00000004"),
+                      restored(tiny_dir, tmp_path / "b/checkpoints/step_00000004"))
+    assert [r["loss"] for r in rows(tmp_path / "a")] == [r["loss"] for r in rows(tmp_path / "b")]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(loss="simpo", ref_model="x"), "reference-free"),
+    (dict(loss="simpo", precompute_ref=True), "reference-free"),
+    (dict(loss="simpo", logp_agg="sum"), "length-normalised"),
+    (dict(loss="robust", label_smoothing=0.5), "< 0.5"),
+    (dict(loss="dpo", simpo_gamma=0.5), "--simpo_gamma is not used by --loss dpo"),
+    (dict(loss="ipo", label_smoothing=0.1), "--label_smoothing is not used by --loss ipo"),
+    (dict(loss="nope"), "is not one of dpo, ipo"),
+    (dict(ref_batch_size=8), "--ref_batch_size needs --precompute_ref"),
+    (dict(beta=0.0), "--beta must be positive"),
+])
+def test_unused_or_contradictory_options_are_errors(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        train_pref.main(base_cfg("unused", "unused.jsonl", tmp_path, **kw))
+
+
+def test_bad_pairs_are_counted_or_named(tmp_path, smol_tok):
+    good = {"prompt": "hi", "chosen": "hello", "rejected": "no"}
+    path = write_pairs(tmp_path / "p.jsonl", [good, {**good, "rejected": "hello "}, {**good, "chosen": ""},
+                                              {**good, "prompt": "long " * 300}])
+    examples, skipped = read_pref(path)
+    assert len(examples) == 2 and skipped == {"chosen_equals_rejected": 1, "empty_chosen": 1}
+    tok, eot = smol_tok
+    pairs, counts = chat.tokenize_pairs(tok, eot, examples, 128)
+    assert len(pairs) == 1 and counts == {"prompt_too_long": 1}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(good) + "\n{\"prompt\": \"x\", \"chosen\": \n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
+        read_pref(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'rejected'"):
+        read_pref(tmp_path / "bad.jsonl")
+
+
+def test_message_list_pairs(tmp_path):
+    conv = [{"role": "user", "content": "hi"}]
+    path = write_pairs(tmp_path / "p.jsonl", [{"chosen": conv + [{"role": "assistant", "content": "hello"}],
+                                              "rejected": conv + [{"role": "assistant", "content": "no"}]}])
+    (ex,), _ = read_pref(path)
+    assert ex["prompt"] == conv and ex["chosen"] == "hello" and ex["rejected"] == "no"
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_learns_on_the_embedded_model(tmp_path, loss):
+    """8 seed pairs (helpful answer vs refusal on seemingly toxic prompts), full batch, 3 steps. After
+    training, on the same pairs: accuracy >= 7/8, a positive mean margin, and a rejected log-prob below
+    its step-0 value (the first logged row is measured before the first update)."""
+    lines = open("data/demo/pairs_seed.jsonl").read().splitlines()[:8]
+    data = tmp_path / "p.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = train_pref.Config(data=str(data), eval_data=str(data), eval_every=3, out_dir=str(tmp_path / "run"),
+                            max_steps=3, batch_size=8, lr=1e-5, warmup_ratio=0.0, max_length=160, loss=loss)
+    train_pref.main(cfg)
+    first, last = rows(tmp_path / "run")[0], rows(tmp_path / "run")[-1]
+    assert last["eval/rewards/accuracies"] >= 0.875
+    assert last["eval/rewards/margins"] > 0
+    assert last["eval/logps/rejected"] < first["logps/rejected"]
+
+
+def test_readme_add_a_loss(tiny_dir, tmp_path, monkeypatch):
+    """The README's "Adding a loss" block, run as written: `--loss exp` trains, and its step-0 loss is the
+    documented value exp(0) = 1."""
+    readme = open("README.md").read()
+    block = re.search(r"<!-- add-a-loss -->\n```python\n(.*?)```\n<!-- /add-a-loss -->", readme, re.S).group(1)
+    monkeypatch.setattr(losses, "PREFERENCE_LOSSES", dict(losses.PREFERENCE_LOSSES))
+    monkeypatch.setattr(train_pref, "PREFERENCE_LOSSES", losses.PREFERENCE_LOSSES)
+    exec(block, vars(losses))  # as if pasted into porover/losses.py
+    model = str(tmp_path / "m")
+    tiny_llama(dropout=0.0).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(model)
+    data = write_pairs(tmp_path / "p.jsonl", PAIRS)
+    train_pref.main(base_cfg(model, data, tmp_path / "run", loss="exp"))
+    assert rows(tmp_path / "run")[0]["loss"] == pytest.approx(1.0, abs=1e-6)

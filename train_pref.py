@@ -1,0 +1,257 @@
+"""Preference optimisation (DPO, IPO, hinge, robust DPO, SimPO; optional NLL term) against a frozen
+reference model, the last stage of POROver.
+
+    python train_pref.py --data pairs.jsonl --model runs/sft/final --loss dpo --beta 0.1 --out_dir runs/dpo
+    torchrun --standalone --nproc_per_node=2 train_pref.py ... --precompute_ref
+
+The loss is the mean over the global batch of pairs (batch_size x grad_accum x world size pairs). The
+reference is the SFT model itself by default: computed online in the same forward code path, or once
+before training with --precompute_ref (then freed).
+"""
+import dataclasses
+import gc
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from porover import chat, dist, models, reference
+from porover.config import parse, provenance, write_json
+from porover.data import format_counts, read_pref
+from porover.losses import PREFERENCE_LOSSES, nll_term
+from porover.training import (MetricsFile, TrainConfig, config_errors, format_row, global_batch, lr_at, precision,
+                              resume, save_and_export, steps_per_epoch, wrap)
+
+
+@dataclass
+class Config(TrainConfig):
+    """Preference optimisation on prompt/chosen/rejected JSONL (shared flags: porover.training)."""
+    data: str = "data/demo/pairs_seed.jsonl"
+    out_dir: str = "runs/pref"
+    lr: float = 5e-7
+    warmup_ratio: float = 0.1
+    loss: str = "dpo"  # a name in porover.losses.PREFERENCE_LOSSES
+    # None means the chosen loss's own default (porover.losses.PREFERENCE_LOSSES); setting an option the
+    # loss does not use is an error.
+    beta: float | None = None
+    logp_agg: Literal["sum", "mean"] | None = None
+    label_smoothing: float | None = None
+    simpo_gamma: float | None = None
+    nll_weight: float = 0.0
+    ref_model: str | None = None  # default: --model (the SFT model)
+    precompute_ref: bool = False
+    ref_batch_size: int | None = None  # precompute batch; default 2 x batch_size
+
+
+def loss_options(cfg: Config) -> dict:
+    """The chosen loss's settings: its defaults, overridden by what the user set, or errors."""
+    if cfg.loss not in PREFERENCE_LOSSES:
+        raise ValueError(f"--loss {cfg.loss!r} is not one of {', '.join(PREFERENCE_LOSSES)}")
+    errors, opts = config_errors(cfg), dict(PREFERENCE_LOSSES[cfg.loss][1])
+    defaults = opts
+    for k in ("beta", "logp_agg", "label_smoothing", "simpo_gamma"):
+        value = getattr(cfg, k)
+        if value is not None and k not in defaults:
+            errors.append(f"--{k} is not used by --loss {cfg.loss}")
+        elif value is not None:
+            opts[k] = value
+    if opts.get("reference_free") and (cfg.ref_model or cfg.precompute_ref):
+        errors.append(f"--loss {cfg.loss} is reference-free: --ref_model and --precompute_ref do not apply")
+    if cfg.loss == "simpo" and opts["logp_agg"] != "mean":
+        errors.append("SimPO is defined on length-normalised log-probs: --logp_agg must be mean")
+    if cfg.loss == "robust" and not 0 < opts["label_smoothing"] < 0.5:
+        errors.append("--loss robust needs 0 < --label_smoothing (the label-noise rate) < 0.5")
+    if cfg.loss == "dpo" and not 0 <= opts["label_smoothing"] < 0.5:  # 0.5 and above flip the labels
+        errors.append("--label_smoothing must be in [0, 0.5)")
+    if opts["beta"] <= 0:
+        errors.append("--beta must be positive")
+    if cfg.ref_batch_size is not None and not cfg.precompute_ref:
+        errors.append("--ref_batch_size needs --precompute_ref")
+    if errors:
+        raise ValueError("invalid config: " + "; ".join(errors))
+    return opts
+
+
+def load_pairs(path, tokenizer, eot_id, cfg, name):
+    examples, skipped = read_pref(path)
+    pairs, counts = chat.tokenize_pairs(tokenizer, eot_id, examples, cfg.max_length, cfg.max_prompt_length)
+    counts.update(skipped)
+    dist.print0(f"{name}: {len(pairs)} pairs from {path}; skipped/truncated: {format_counts(counts)}")
+    if not pairs:
+        raise ValueError(f"{path}: no usable pairs ({format_counts(counts)})")
+    for p in pairs:
+        p["key"] = reference.pair_key(p, cfg.max_length, cfg.max_prompt_length)
+    return pairs, dict(counts)
+
+
+def stand_in(pair):
+    """A fully masked pair (weight 0) for a rank whose share of a short last batch is empty."""
+    blank = {"input_ids": pair["chosen"]["input_ids"][:2], "loss_mask": [0, 0]}
+    return {"chosen": blank, "rejected": blank, "ref": torch.zeros(2), "weight": 0.0}
+
+
+def collate(pairs, pad_id):
+    batch = chat.collate_pairs(pairs, pad_id)
+    batch["weight"] = torch.tensor([p.get("weight", 1.0) for p in pairs])           # (B,)
+    if "ref" in pairs[0]:
+        batch["ref"] = torch.stack([p["ref"] for p in pairs]).float()               # (B, 2) summed
+    return batch
+
+
+def pair_losses(policy, ref_model, batch, opts, cfg, autocast):
+    """Per-pair losses (B,) and the statistics to log, from one concatenated forward of the policy."""
+    fn = PREFERENCE_LOSSES[cfg.loss][0]
+    sums, counts = reference.sequence_stats(policy, batch, autocast)              # (2B,), (2B,)
+    mean = opts["logp_agg"] == "mean"
+    logps = sums / counts.clamp(min=1) if mean else sums
+    chosen, rejected = logps.chunk(2)                                             # (B,), (B,)
+    if opts.get("reference_free"):
+        ref_chosen = ref_rejected = None
+    else:
+        if ref_model is not None:  # online: same code path, eval mode, no graph
+            with torch.no_grad():
+                ref_sums = reference.sequence_stats(ref_model, batch, autocast)[0]
+        else:
+            ref_sums = batch["ref"].T.reshape(-1)                                 # (2B,)
+        ref_logps = ref_sums / counts.clamp(min=1) if mean else ref_sums
+        ref_chosen, ref_rejected = ref_logps.chunk(2)
+    extra = {k: v for k, v in opts.items() if k in ("label_smoothing", "simpo_gamma")}
+    losses = fn(chosen, rejected, ref_chosen, ref_rejected, opts["beta"], **extra)
+    if cfg.nll_weight:
+        losses = losses + cfg.nll_weight * nll_term((sums / counts.clamp(min=1)).chunk(2)[0])
+    # Rewards are beta x (log pi - log ref) from the log-probs the loss used (beta x log pi when ref-free).
+    reward_chosen = opts["beta"] * (chosen - (ref_chosen if ref_chosen is not None else 0)).detach()
+    reward_rejected = opts["beta"] * (rejected - (ref_rejected if ref_rejected is not None else 0)).detach()
+    len_chosen, len_rejected = counts.chunk(2)
+    w = batch["weight"]
+    stats = {"rewards/chosen": reward_chosen, "rewards/rejected": reward_rejected,
+             "rewards/margins": reward_chosen - reward_rejected,
+             "rewards/accuracies": (reward_chosen > reward_rejected).float(),
+             "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),
+             "length/chosen": len_chosen.float(), "length/rejected": len_rejected.float()}
+    return losses * w, {k: (v * w).sum().item() for k, v in stats.items()}
+
+
+def accumulate(model, ref_model, batches, global_pairs, world, opts, cfg, autocast, device):
+    """Forward and backward over this rank's micro-batches; returns sums of loss and statistics."""
+    totals = {}
+    for m, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # Only the last micro-step needs DDP's gradient all-reduce.
+        sync = nullcontext() if world == 1 or m == len(batches) - 1 else model.no_sync()
+        with sync:
+            losses, stats = pair_losses(model, ref_model, batch, opts, cfg, autocast)
+            loss = losses.sum() / global_pairs
+            (loss * world).backward()  # DDP averages over ranks: scale back to the global sum
+        for k, v in {"loss": loss.item() * global_pairs, **stats}.items():
+            totals[k] = totals.get(k, 0.0) + v
+    return totals
+
+
+@torch.no_grad()
+def evaluate(model, ref_model, pairs, opts, cfg, collate_fn, device, autocast) -> dict:
+    """Held-out preference metrics (eval/ keys); every rank runs the same number of forwards."""
+    model.eval()
+    mine, world = pairs[dist.rank()::dist.world_size()], dist.world_size()
+    totals = {}
+    for b in range(-(-len(pairs) // (world * cfg.batch_size))):
+        part = mine[b * cfg.batch_size:(b + 1) * cfg.batch_size] or [stand_in(pairs[0])]
+        batch = {k: v.to(device) for k, v in collate_fn(part).items()}
+        losses, stats = pair_losses(model, ref_model, batch, opts, cfg, autocast)
+        for k, v in {"loss": losses.sum().item(), **stats}.items():
+            totals[k] = totals.get(k, 0.0) + v
+    model.train()
+    keys = sorted(totals)
+    sums = dist.all_reduce_sum([totals[k] for k in keys], device)
+    return {f"eval/{k}": v / len(pairs) for k, v in zip(keys, sums)}
+
+
+def main(cfg: Config):
+    opts = loss_options(cfg)
+    rank, world, device = dist.setup()
+    torch.manual_seed(cfg.seed + rank)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype, autocast = precision(cfg, device)
+
+    tokenizer = models.load_tokenizer(cfg.model)
+    eot_id = chat.prepare_tokenizer(tokenizer, cfg.chat_template)
+    pairs, counts = load_pairs(cfg.data, tokenizer, eot_id, cfg, "train")
+    eval_pairs = load_pairs(cfg.eval_data, tokenizer, eot_id, cfg, "eval")[0] if cfg.eval_data else []
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+
+    # The reference: the same weights as the policy by default, frozen, eval mode (dropout off), same dtype
+    # and forward code path, so that at step 0 the policy and the reference agree exactly.
+    ref_model = None
+    if not opts.get("reference_free"):
+        ref_model = models.load_model(cfg.ref_model or cfg.model, dtype=torch.float32).to(device).eval()
+        ref_model.requires_grad_(False)
+    if ref_model is not None and cfg.precompute_ref:
+        cache = out / "ref_logps" / f"{reference.fingerprint(ref_model, tokenizer, dtype)}.safetensors"
+        everything = pairs + eval_pairs
+        ref, _ = reference.precompute(ref_model, everything, [p["key"] for p in everything], cache,
+                                   cfg.ref_batch_size or 2 * cfg.batch_size, collate_fn, device, autocast)
+        for p, r in zip(everything, ref):
+            p["ref"] = r
+        ref_model = None  # freed before training: precomputing is for the memory and the time
+        gc.collect()
+
+    model = wrap(models.load_model(cfg.model, dtype=torch.float32).to(device), cfg, device, world)  # fp32 master
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    global_batch_size = cfg.batch_size * cfg.grad_accum * world
+    n = len(pairs)
+    max_steps = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch(n, global_batch_size)
+    warmup_steps = int(cfg.warmup_ratio * max_steps)
+    config = dataclasses.asdict(cfg)
+    step, samples_seen, resumed = resume(cfg, model, optimizer)
+    meta = provenance({"data": cfg.data, "eval_data": cfg.eval_data}, seed=cfg.seed, world_size=world,
+                      device=str(device), dtype=dtype, config=config)
+    if rank == 0:
+        write_json(out / "config.json", {"loss_options": opts, "max_steps": max_steps,
+                                         "global_batch": global_batch_size, "warmup_steps": warmup_steps,
+                                         "train_counts": counts, **meta})
+    dist.print0(f"global batch {global_batch_size} pairs = {cfg.batch_size} per device x {cfg.grad_accum} "
+                f"accumulation x {world} processes; {n} pairs, {max_steps} steps, {cfg.loss} {opts}, {dtype} on {device}")
+    metrics = MetricsFile(out / "metrics.jsonl", step if resumed else None, rank == 0)
+    lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
+    bar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc=cfg.loss, dynamic_ncols=True)
+
+    while step < max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, max_steps, cfg.lr, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches, real, consumed, epoch = global_batch(pairs, lengths, samples_seen, cfg, rank, world, collate_fn,
+                                                      stand_in)
+        local_seen = sum(b["attention_mask"].sum().item() for b, r in zip(batches, real) if r)
+        totals = accumulate(model, ref_model, batches, consumed, world, opts, cfg, autocast, device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        samples_seen += consumed
+        step += 1
+        keys = sorted(totals)
+        sums = dist.all_reduce_sum([totals[k] for k in keys] + [local_seen], device)
+        step_time = time.perf_counter() - t0
+        row = {"step": step, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": sums[-1] / step_time,
+               "tokens_per_sec_per_device": sums[-1] / step_time / world, "step_time": step_time, "epoch": epoch,
+               **{k: v / consumed for k, v in zip(keys, sums)}}
+        if eval_pairs and (step % cfg.eval_every == 0 or step == max_steps):
+            row.update(evaluate(model, ref_model, eval_pairs, opts, cfg, collate_fn, device, autocast))
+        metrics.write(row)
+        bar.update(1)
+        if step % cfg.log_every == 0 and rank == 0:
+            bar.write(format_row(row))
+        save_and_export(cfg, step, max_steps, model, optimizer, tokenizer, samples_seen, meta)
+    bar.close()
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    main(parse(Config))
