@@ -11,21 +11,21 @@ before training with --precompute_ref (then freed).
 import dataclasses
 import gc
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from porover import chat, dist, models, reference
 from porover.config import parse, provenance, write_json
 from porover.data import format_counts, read_pref
 from porover.losses import PREFERENCE_LOSSES, nll_term
-from porover.training import (MetricsFile, TrainConfig, config_errors, format_row, global_batch, lr_at, precision,
-                              resume, save_and_export, steps_per_epoch, wrap)
+from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, format_row, global_batch,
+                              grad_sync, lr_at, precision, resume, save_and_export, shard, steps_per_epoch, wrap)
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Config(TrainConfig):
     ref_model: str | None = None  # default: --model (the SFT model)
     precompute_ref: bool = False
     ref_batch_size: int | None = None  # precompute batch; default 2 x batch_size
+    ref_offload: bool = False  # FSDP2: keep the online reference's shards in CPU memory
 
 
 def loss_options(cfg: Config) -> dict:
@@ -72,6 +73,8 @@ def loss_options(cfg: Config) -> dict:
         errors.append("--beta must be positive")
     if cfg.ref_batch_size is not None and not cfg.precompute_ref:
         errors.append("--ref_batch_size needs --precompute_ref")
+    if cfg.ref_offload and (cfg.strategy != "fsdp" or cfg.precompute_ref or opts.get("reference_free")):
+        errors.append("--ref_offload needs --strategy fsdp and an online reference")
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))
     return opts
@@ -142,12 +145,10 @@ def accumulate(model, ref_model, batches, global_pairs, world, opts, cfg, autoca
     totals = {}
     for m, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        # Only the last micro-step needs DDP's gradient all-reduce.
-        sync = nullcontext() if world == 1 or m == len(batches) - 1 else model.no_sync()
-        with sync:
+        with grad_sync(model, last=m == len(batches) - 1):
             losses, stats = pair_losses(model, ref_model, batch, opts, cfg, autocast)
             loss = losses.sum() / global_pairs
-            (loss * world).backward()  # DDP averages over ranks: scale back to the global sum
+            (loss * world).backward()  # DDP and FSDP2 average over ranks: scale back to the global sum
         for k, v in {"loss": loss.item() * global_pairs, **stats}.items():
             totals[k] = totals.get(k, 0.0) + v
     return totals
@@ -173,7 +174,7 @@ def evaluate(model, ref_model, pairs, opts, cfg, collate_fn, device, autocast) -
 
 def main(cfg: Config):
     opts = loss_options(cfg)
-    rank, world, device = dist.setup()
+    rank, world, device = dist.setup(process_group=cfg.strategy == "fsdp")
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,19 +190,24 @@ def main(cfg: Config):
     # and forward code path, so that at step 0 the policy and the reference agree exactly.
     ref_model = None
     if not opts.get("reference_free"):
-        ref_model = models.load_model(cfg.ref_model or cfg.model, dtype=torch.float32).to(device).eval()
+        ref_model = models.load_model(cfg.ref_model or cfg.model, dtype=torch.float32).eval()
         ref_model.requires_grad_(False)
+        fingerprint = reference.fingerprint(ref_model, tokenizer, dtype) if cfg.precompute_ref else None
+        if not cfg.ref_offload:
+            ref_model.to(device)
+        if cfg.strategy == "fsdp":
+            ref_model = shard(ref_model, cfg, dtype, offload=cfg.ref_offload)
     if ref_model is not None and cfg.precompute_ref:
-        cache = out / "ref_logps" / f"{reference.fingerprint(ref_model, tokenizer, dtype)}.safetensors"
+        cache = out / "ref_logps" / f"{fingerprint}.safetensors"
         everything = pairs + eval_pairs
         ref, _ = reference.precompute(ref_model, everything, [p["key"] for p in everything], cache,
-                                   cfg.ref_batch_size or 2 * cfg.batch_size, collate_fn, device, autocast)
+                                      cfg.ref_batch_size or 2 * cfg.batch_size, collate_fn, device, autocast)
         for p, r in zip(everything, ref):
             p["ref"] = r
         ref_model = None  # freed before training: precomputing is for the memory and the time
         gc.collect()
 
-    model = wrap(models.load_model(cfg.model, dtype=torch.float32).to(device), cfg, device, world)  # fp32 master
+    model = wrap(models.load_model(cfg.model, dtype=torch.float32).to(device), cfg, device, world, dtype)  # fp32 master
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     global_batch_size = cfg.batch_size * cfg.grad_accum * world
@@ -231,7 +237,7 @@ def main(cfg: Config):
                                                       stand_in)
         local_seen = sum(b["attention_mask"].sum().item() for b, r in zip(batches, real) if r)
         totals = accumulate(model, ref_model, batches, consumed, world, opts, cfg, autocast, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         samples_seen += consumed
@@ -254,4 +260,4 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(parse(Config))
+    record(main)(parse(Config))  # a failing rank's traceback reaches torchrun's report

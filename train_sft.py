@@ -8,20 +8,20 @@ The loss is the mean negative log-likelihood over all response tokens of the glo
 """
 import dataclasses
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from porover import chat, dist, models
 from porover.config import parse, provenance, write_json
 from porover.data import format_counts, read_sft
 from porover.losses import sft_loss
-from porover.training import (MetricsFile, TrainConfig, config_errors, format_row, global_batch, lr_at, precision,
-                              resume, save_and_export, steps_per_epoch, wrap)
+from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, format_row, global_batch,
+                              grad_sync, lr_at, precision, resume, save_and_export, steps_per_epoch, wrap)
 
 
 @dataclass
@@ -58,11 +58,9 @@ def accumulate(model, batches, global_tokens, world, autocast, device) -> float:
     loss_sum = 0.0
     for m, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
-        # Only the last micro-step needs DDP's gradient all-reduce (nanoGPT does the same).
-        sync = nullcontext() if world == 1 or m == len(batches) - 1 else model.no_sync()
-        with sync:
+        with grad_sync(model, last=m == len(batches) - 1):
             loss = forward_nll(model, batch, autocast) / global_tokens
-            # DDP averages gradients over ranks; scaling by the world size turns that into the global sum.
+            # DDP and FSDP2 average gradients over ranks; scaling by the world size makes that the global sum.
             (loss * world).backward()
         loss_sum += loss.item()
     return loss_sum
@@ -89,7 +87,7 @@ def evaluate(model, items, cfg, pad_id, device, autocast):
 def main(cfg: Config):
     if errors := config_errors(cfg):
         raise ValueError("invalid config: " + "; ".join(errors))
-    rank, world, device = dist.setup()
+    rank, world, device = dist.setup(process_group=cfg.strategy == "fsdp")
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; the data order does not use this RNG
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +98,7 @@ def main(cfg: Config):
     train_items, train_counts = load_split(cfg.data, tokenizer, eot_id, cfg, "train")
     eval_items = load_split(cfg.eval_data, tokenizer, eot_id, cfg, "eval")[0] if cfg.eval_data else None
 
-    model = wrap(models.load_model(cfg.model, dtype=torch.float32).to(device), cfg, device, world)  # fp32 master
+    model = wrap(models.load_model(cfg.model, dtype=torch.float32).to(device), cfg, device, world, dtype)  # fp32 master
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
 
@@ -134,7 +132,7 @@ def main(cfg: Config):
         local_seen = sum(b["attention_mask"].sum().item() for b, r in zip(batches, real) if r)
         global_tokens = dist.all_reduce_sum([local_tokens], device)[0]
         loss_sum = accumulate(model, batches, global_tokens, world, autocast, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         samples_seen += consumed
@@ -155,4 +153,4 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(parse(Config))
+    record(main)(parse(Config))  # a failing rank's traceback reaches torchrun's report

@@ -20,13 +20,17 @@ from porover import dist
 from porover.config import write_json
 
 # Settings that may change on --resume; any other change is refused (the run would silently differ).
-RESUME_ALLOWED = {"resume", "max_steps", "save_every", "eval_every", "export_every", "keep_last", "log_every"}
-FAULT = "POROVER_FAULT"  # fault injection for tests: "before_rename" or "after_save", optionally ":STEP"
+# batch_size and grad_accum may change with the world size as long as the global batch stays the same.
+RESUME_ALLOWED = {"resume", "max_steps", "save_every", "eval_every", "export_every", "keep_last", "log_every",
+                  "batch_size", "grad_accum"}
+# Fault injection for tests: "before_rename[:STEP]", "after_save[:STEP]" stop the process at that point of a
+# save; "rank_raises:RANK" makes one rank raise at its first save.
+FAULT = "POROVER_FAULT"
 
 
-def _fault(point: str, step: int) -> bool:
+def _fault(point: str, at_value: int) -> bool:
     kind, _, at = os.environ.get(FAULT, "").partition(":")
-    return kind == point and (not at or int(at) == step)
+    return kind == point and (not at or int(at) == at_value)
 
 
 def _rng_state():
@@ -35,6 +39,8 @@ def _rng_state():
 
 def save(root: Path, step: int, model, optimizer, state: dict, keep_last: int | None):
     final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+    if _fault("rank_raises", dist.rank()):
+        raise RuntimeError(f"{FAULT}=rank_raises: rank {dist.rank()} failed on purpose")
     if dist.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -64,6 +70,7 @@ def latest(root: Path) -> Path | None:
 
 
 def check_config(saved: dict, current: dict):
+    """Refuse a resume whose config differs outside RESUME_ALLOWED (the configs carry "global_batch")."""
     changed = sorted(k for k in saved.keys() | current.keys()
                      if k not in RESUME_ALLOWED and saved.get(k) != current.get(k))
     if changed:

@@ -9,17 +9,20 @@ import torch
 import torch.distributed as dist
 
 
-def setup() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); joins the process group when started by torchrun."""
+def setup(process_group: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the process group when started by torchrun, or as a group of one
+    when `process_group` (FSDP2 needs one even for a single process)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None)
+    elif process_group and not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return rank, world, device
 
 

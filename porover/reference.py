@@ -54,10 +54,12 @@ def precompute(ref_model, pairs, keys, cache_file: Path, batch_size, collate, de
     missing = [i for i, k in enumerate(keys) if k not in cache]
     mine = missing[dist.rank()::dist.world_size()]
     computed = {}
-    for s in range(0, len(mine), batch_size):
+    # Every rank runs the same number of forwards (FSDP2 gathers parameters in each), the short ones on a
+    # stand-in whose result is dropped.
+    for s in range(0, -(-len(missing) // dist.world_size()) if missing else 0, batch_size):
         idx = mine[s:s + batch_size]
-        sums, _ = sequence_stats(ref_model, {k: v.to(device) for k, v in collate([pairs[i] for i in idx]).items()},
-                                 autocast)
+        batch = collate([pairs[i] for i in idx] or [pairs[0]])
+        sums, _ = sequence_stats(ref_model, {k: v.to(device) for k, v in batch.items()}, autocast)
         for j, i in enumerate(idx):
             computed[keys[i]] = torch.stack([sums[j], sums[j + len(idx)]]).double().cpu()
     if tdist.is_initialized():

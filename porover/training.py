@@ -3,6 +3,7 @@ global batch is split over micro-steps and ranks, resuming, and the metrics file
 import dataclasses
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,8 +36,9 @@ class TrainConfig:
     group_by_length: bool = False
     seed: int = 1337
     dtype: Literal["bf16", "fp32"] | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2, fully_shard per decoder layer, then the root
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder layer
     eval_every: int | None = None
     save_every: int | None = None
     export_every: int | None = None
@@ -65,20 +67,65 @@ def config_errors(cfg: TrainConfig) -> list[str]:
     return errors
 
 
-def wrap(model, cfg: TrainConfig, device, world):
-    """Gradient checkpointing and data parallelism around the fp32 master model."""
+def shard(model, cfg: TrainConfig, dtype: str, offload: bool = False):
+    """FSDP2: fully_shard each decoder layer, then the root (which owns embeddings, final norm and lm_head,
+    so tied weights stay in one unit). bf16 compute with fp32 master weights and fp32 gradient reduction."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else None, reduce_dtype=torch.float32)
+    kw = {"mp_policy": mp, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    return fully_shard(model, **kw)
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks of a transformers model (the classes it names in `_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers to shard or compile")
+    return layers
+
+
+def wrap(model, cfg: TrainConfig, device, world, dtype: str):
+    """Gradient checkpointing, compilation and data parallelism (DDP or FSDP2) around the fp32 master model."""
     if cfg.grad_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        for layer in decoder_layers(model):
+            layer.compile()
     model.train()
+    if cfg.strategy == "fsdp":
+        return shard(model, cfg, dtype)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
 
 
+def grad_sync(model, last: bool):
+    """Gradients are reduced across ranks only at the last micro-step (nanoGPT's trick, for DDP and FSDP2)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
+    return nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP2
+
+
 def precision(cfg: TrainConfig, device):
-    """(dtype name, autocast context): bf16 autocast over fp32 master weights on CUDA by default, fp32 on
-    CPU. Log-softmax and log-prob sums stay fp32 either way (porover.losses)."""
+    """(dtype name, autocast context): bf16 compute over fp32 master weights on CUDA by default, fp32 on
+    CPU. Under FSDP2 its mixed-precision policy casts instead of autocast. Log-softmax and log-prob sums
+    stay fp32 either way (porover.losses)."""
     dtype = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    return dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    return dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16" and cfg.strategy == "ddp")
+
+
+def run_config(cfg: TrainConfig, world: int) -> dict:
+    """The config a checkpoint records and a resume compares: the flags plus the global batch."""
+    return {**dataclasses.asdict(cfg), "global_batch": cfg.batch_size * cfg.grad_accum * world}
 
 
 def save_and_export(cfg: TrainConfig, step, max_steps, model, optimizer, tokenizer, samples_seen, meta):
@@ -87,7 +134,7 @@ def save_and_export(cfg: TrainConfig, step, max_steps, model, optimizer, tokeniz
     out = Path(cfg.out_dir)
     if cfg.save_every and (step % cfg.save_every == 0 or step == max_steps):
         checkpoint.save(out / "checkpoints", step, model, optimizer,
-                        {"samples_seen": samples_seen, "config": dataclasses.asdict(cfg)}, cfg.keep_last)
+                        {"samples_seen": samples_seen, "config": run_config(cfg, dist.world_size())}, cfg.keep_last)
     if cfg.export_every and step % cfg.export_every == 0 and step < max_steps:
         checkpoint.export(model, tokenizer, out / "exports" / f"step_{step:08d}", {"step": step, **meta})
     if step == max_steps:
@@ -103,7 +150,7 @@ def resume(cfg: TrainConfig, model, optimizer) -> tuple[int, int, bool]:
         if cfg.resume:
             dist.print0(f"--resume: no complete checkpoint in {root}, starting from scratch")
         return 0, 0, False
-    checkpoint.check_config(json.loads((path / "state.json").read_text())["config"], dataclasses.asdict(cfg))
+    checkpoint.check_config(json.loads((path / "state.json").read_text())["config"], run_config(cfg, dist.world_size()))
     state = checkpoint.load(path, model, optimizer)
     dist.print0(f"resumed from {path} at step {state['step']}, global sample {state['samples_seen']}")
     return state["step"], state["samples_seen"], True

@@ -1,9 +1,10 @@
-"""Real torchrun processes on CPU (gloo): 2 ranks must train exactly like 1 process with the same global
-batch, and an uneven last batch must not hang."""
+"""Real torchrun processes on CPU (gloo): 2 ranks (DDP or FSDP2) must train exactly like 1 process with
+the same global batch, resume across world sizes, survive a killed save, and fail fast."""
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -16,11 +17,12 @@ from tests.test_train_sft import seed_subset
 ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
 
 
-def run(args, nproc=1, timeout=300):
+def run(args, nproc=1, timeout=300, env=None, check=True):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    p = subprocess.run(launcher + args, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = subprocess.run(launcher + args, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
 
@@ -29,11 +31,17 @@ def setup(tmp_path_factory, smol_path):
     d = tmp_path_factory.mktemp("dist")
     tiny_llama(dropout=0.0).save_pretrained(d / "model")  # no dropout: ranks draw different dropout masks
     AutoTokenizer.from_pretrained(smol_path).save_pretrained(d / "model")
-    return d, str(d / "model"), seed_subset(d / "seven.jsonl", 7, skip=10)
+    pairs = [json.loads(line) for line in open("data/demo/pairs_seed.jsonl")][:7]
+    (d / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return d, str(d / "model"), seed_subset(d / "seven.jsonl", 7, skip=10), str(d / "pairs.jsonl")
+
+
+def rows(path):
+    return [json.loads(r) for r in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_first_step_gradients_two_ranks_equal_one_process(setup):
-    d, model, data = setup
+    d, model, data, _ = setup
     run(["tests/sft_grad_worker.py", model, data, str(d / "g1.safetensors"), "4", "1"])
     run(["tests/sft_grad_worker.py", model, data, str(d / "g2.safetensors"), "1", "2"], nproc=2)
     g1, g2 = load_file(d / "g1.safetensors"), load_file(d / "g2.safetensors")
@@ -45,25 +53,76 @@ def test_first_step_gradients_two_ranks_equal_one_process(setup):
         assert not torch.equal(g1[k], torch.zeros_like(g1[k])), k
 
 
-def test_ddp_loss_trajectory_equals_one_process_and_uneven_data_does_not_hang(setup):
-    """7 examples, global batch 2: each epoch ends with a batch of 1, where rank 1 runs a masked stand-in.
-    1 process x batch 2, 1 process x batch 1 x accumulation 2, and 2 ranks x batch 1 must agree."""
-    d, model, data = setup
-    common = ["train_sft.py", "--model", model, "--data", data, "--max_steps", "5", "--lr", "1e-3",
-              "--max_length", "128", "--warmup_ratio", "0"]
-    run(common + ["--out_dir", str(d / "one"), "--batch_size", "2"])
-    run(common + ["--out_dir", str(d / "accum"), "--batch_size", "1", "--grad_accum", "2"])
-    run(common + ["--out_dir", str(d / "ddp"), "--batch_size", "1", "--strategy", "ddp"], nproc=2, timeout=120)
-
-    def rows(name):
-        return [json.loads(r) for r in (d / name / "metrics.jsonl").read_text().splitlines()]
-    one = rows("one")
+@pytest.mark.parametrize("script", ["train_sft.py", "train_pref.py"])
+def test_two_ranks_train_like_one_process_and_uneven_data_does_not_hang(setup, script):
+    """7 examples (or pairs), global batch 2: each epoch ends with a batch of 1, where rank 1 runs a masked
+    stand-in. 1 process x batch 2, 1 process x batch 1 x accumulation 2, and 2 ranks x batch 1 under DDP
+    and under FSDP2 must give the same losses (rtol 1e-5) and final weights within ~10 x lr x steps."""
+    d, model, sft_data, pair_data = setup
+    data = sft_data if script == "train_sft.py" else pair_data
+    out = d / script
+    common = [script, "--model", model, "--data", data, "--max_steps", "5", "--lr", "1e-3", "--max_length", "128",
+              "--warmup_ratio", "0"]
+    run(common + ["--out_dir", str(out / "one"), "--batch_size", "2"])
+    run(common + ["--out_dir", str(out / "accum"), "--batch_size", "1", "--grad_accum", "2"])
+    for strategy in ("ddp", "fsdp"):
+        run(common + ["--out_dir", str(out / strategy), "--batch_size", "1", "--strategy", strategy], nproc=2,
+            timeout=180)
+    one = rows(out / "one")
     assert [r["step"] for r in one] == [1, 2, 3, 4, 5] and one[3]["epoch"] == 0 and one[4]["epoch"] == 1
-    for other in ("accum", "ddp"):
-        for a, b in zip(one, rows(other), strict=True):
+    w1 = AutoModelForCausalLM.from_pretrained(out / "one/final").state_dict()
+    for other in ("accum", "ddp", "fsdp"):
+        for a, b in zip(one, rows(out / other), strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), other
-    assert json.loads((d / "ddp/config.json").read_text())["world_size"] == 2
-    w1 = AutoModelForCausalLM.from_pretrained(d / "one/final").state_dict()
-    w2 = AutoModelForCausalLM.from_pretrained(d / "ddp/final").state_dict()
-    # Adam can turn float-noise gradients into lr-sized steps: allow ~10 x lr x steps.
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 10 * 1e-3 * 5
+        final = AutoModelForCausalLM.from_pretrained(out / other / "final")  # one plain process reloads it
+        assert final.lm_head.weight.data_ptr() == final.get_input_embeddings().weight.data_ptr()
+        w2 = final.state_dict()
+        # Adam can turn float-noise gradients into lr-sized steps: allow ~10 x lr x steps.
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 10 * 1e-3 * 5, other
+    assert json.loads((out / "fsdp/config.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(setup, first, second):
+    """Save at step 2 with one world size, resume with the other (FSDP2 shards are resharded by
+    torch.distributed.checkpoint): losses of steps 3-4 match the uninterrupted run."""
+    d, model, _, pair_data = setup
+    out = d / f"resume_{first}_{second}"
+    common = ["train_pref.py", "--model", model, "--data", pair_data, "--max_steps", "4", "--lr", "1e-3",
+              "--max_length", "128", "--warmup_ratio", "0", "--strategy", "fsdp", "--save_every", "2"]
+    bs = {1: "2", 2: "1"}
+    run(common + ["--out_dir", str(out / "straight"), "--batch_size", bs[first]], nproc=first)
+    p = run(common + ["--out_dir", str(out / "cut"), "--batch_size", bs[first]], nproc=first,
+            env={"POROVER_FAULT": "after_save:2"}, check=False)
+    assert p.returncode != 0 and len(rows(out / "cut")) == 2
+    run(common + ["--out_dir", str(out / "cut"), "--batch_size", bs[second], "--resume"], nproc=second)
+    straight, resumed = rows(out / "straight"), rows(out / "cut")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_killed_save_leaves_the_previous_checkpoint_usable(setup):
+    d, model, data, _ = setup
+    out = d / "killed"
+    common = ["train_sft.py", "--model", model, "--data", data, "--max_steps", "4", "--lr", "1e-3",
+              "--max_length", "128", "--strategy", "fsdp", "--batch_size", "1", "--save_every", "2",
+              "--out_dir", str(out)]
+    p = run(common, nproc=2, env={"POROVER_FAULT": "before_rename:4"}, check=False)
+    assert p.returncode != 0
+    names = sorted(x.name for x in (out / "checkpoints").iterdir())
+    assert names == [".tmp-step_00000004", "step_00000002"]
+    run(common + ["--resume"], nproc=2)
+    assert (out / "checkpoints/step_00000004/state.json").exists() and (out / "final/model.safetensors").exists()
+
+
+def test_a_failing_rank_ends_the_job_fast(setup):
+    d, model, data, _ = setup
+    t0 = time.perf_counter()
+    p = run(["train_sft.py", "--model", model, "--data", data, "--max_steps", "4", "--max_length", "128",
+             "--batch_size", "1", "--save_every", "1", "--out_dir", str(d / "fail")], nproc=2,
+            env={"POROVER_FAULT": "rank_raises:1"}, check=False, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert p.returncode != 0
+    assert "rank 1 failed on purpose" in p.stdout + p.stderr
+    assert elapsed < 15 + 10  # 15 s after the raise; the start (imports, model load) takes a few seconds
