@@ -24,8 +24,9 @@ from porover import chat, dist, models, reference
 from porover.config import parse, provenance, write_json
 from porover.data import format_counts, read_pref
 from porover.losses import PREFERENCE_LOSSES, nll_term
-from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, format_row, global_batch,
-                              grad_sync, lr_at, precision, resume, save_and_export, shard, steps_per_epoch, wrap)
+from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, flops_per_token, format_row,
+                              global_batch, grad_sync, lr_at, mfu, precision, resume, save_and_export, shard,
+                              steps_per_epoch, wrap)
 
 
 @dataclass
@@ -226,6 +227,7 @@ def main(cfg: Config):
                 f"accumulation x {world} processes; {n} pairs, {max_steps} steps, {cfg.loss} {opts}, {dtype} on {device}")
     metrics = MetricsFile(out / "metrics.jsonl", step if resumed else None, rank == 0)
     lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
+    flops_token = flops_per_token(model, online_reference=ref_model is not None)
     bar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc=cfg.loss, dynamic_ncols=True)
 
     while step < max_steps:
@@ -247,6 +249,7 @@ def main(cfg: Config):
         step_time = time.perf_counter() - t0
         row = {"step": step, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": sums[-1] / step_time,
                "tokens_per_sec_per_device": sums[-1] / step_time / world, "step_time": step_time, "epoch": epoch,
+               **mfu(flops_token, sums[-1], step_time, world),
                **{k: v / consumed for k, v in zip(keys, sums)}}
         if eval_pairs and (step % cfg.eval_every == 0 or step == max_steps):
             row.update(evaluate(model, ref_model, eval_pairs, opts, cfg, collate_fn, device, autocast))

@@ -20,8 +20,9 @@ from porover import chat, dist, models
 from porover.config import parse, provenance, write_json
 from porover.data import format_counts, read_sft
 from porover.losses import sft_loss
-from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, format_row, global_batch,
-                              grad_sync, lr_at, precision, resume, save_and_export, steps_per_epoch, wrap)
+from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, flops_per_token, format_row,
+                              global_batch, grad_sync, lr_at, mfu, precision, resume, save_and_export,
+                              steps_per_epoch, wrap)
 
 
 @dataclass
@@ -118,6 +119,7 @@ def main(cfg: Config):
     metrics = MetricsFile(out / "metrics.jsonl", step if resumed else None, rank == 0)
     lengths = [len(it["input_ids"]) for it in train_items]
     collate = partial(chat.collate, pad_id=tokenizer.pad_token_id)
+    flops_token = flops_per_token(model, online_reference=False)
     bar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc="sft", dynamic_ncols=True)
 
     while step < max_steps:
@@ -140,7 +142,8 @@ def main(cfg: Config):
         loss_sum, seen = dist.all_reduce_sum([loss_sum, local_seen], device)
         step_time = time.perf_counter() - t0
         row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": seen / step_time,
-               "tokens_per_sec_per_device": seen / step_time / world, "step_time": step_time, "epoch": epoch}
+               "tokens_per_sec_per_device": seen / step_time / world, "step_time": step_time, "epoch": epoch,
+               **mfu(flops_token, seen, step_time, world)}
         if eval_items is not None and (step % cfg.eval_every == 0 or step == max_steps):
             row["eval/loss"] = evaluate(model, eval_items, cfg, tokenizer.pad_token_id, device, autocast)
         metrics.write(row)

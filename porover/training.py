@@ -35,7 +35,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     group_by_length: bool = False
     seed: int = 1337
-    dtype: Literal["bf16", "fp32"] | None = None  # None: bf16 autocast on CUDA, fp32 on CPU
+    dtype: Literal["bf16", "fp32", "fp16"] | None = None  # None: bf16 on CUDA, fp32 on CPU; fp16 is refused
     strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2, fully_shard per decoder layer, then the root
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder layer
@@ -64,6 +64,10 @@ def config_errors(cfg: TrainConfig) -> list[str]:
             errors.append(f"--{k} must be at least 1")
     if not 0 <= cfg.warmup_ratio < 1:
         errors.append("--warmup_ratio must be in [0, 1)")
+    if cfg.dtype == "fp16":
+        errors.append("--dtype fp16 is not supported (it needs loss scaling, which porover does not do): use bf16")
+    if cfg.compile and cfg.grad_checkpointing:
+        errors.append("--compile with --grad_checkpointing is not supported: choose one")
     return errors
 
 
@@ -121,6 +125,27 @@ def precision(cfg: TrainConfig, device):
     stay fp32 either way (porover.losses)."""
     dtype = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
     return dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16" and cfg.strategy == "ddp")
+
+
+# Dense bf16 peak FLOP/s per device (SXM parts), for MFU; other devices report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def flops_per_token(model, online_reference: bool) -> int:
+    """MFU's numerator per trained token: 6N (forward and backward) + 2N for an online reference forward,
+    N = parameters without the input embedding but with lm_head (counted even when tied to it)."""
+    inner = getattr(model, "module", model)
+    n = sum(p.numel() for p in inner.parameters())  # tied weights are listed once: as lm_head
+    if not getattr(inner.config, "tie_word_embeddings", False):
+        n -= inner.get_input_embeddings().weight.numel()
+    return (6 + 2 * online_reference) * n
+
+
+def mfu(flops_token: int, tokens: float, step_time: float, world: int) -> dict:
+    """{"mfu": achieved / peak FLOP/s} on a CUDA device with a known peak, else {} (CPU: no MFU)."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return {"mfu": flops_token * tokens / step_time / (peak * world)} if peak else {}
 
 
 def run_config(cfg: TrainConfig, world: int) -> dict:

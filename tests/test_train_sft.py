@@ -140,3 +140,36 @@ def test_sft_memorises_seed_answers_on_the_embedded_model(tmp_path, smol_path):
     prompt = torch.tensor([chat.encode_prompt(tok, [{"role": "user", "content": example["prompt"]}])])
     out = model.generate(prompt, max_new_tokens=200, do_sample=False, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     assert tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip() == example["response"].strip()
+
+
+def test_flops_per_token_counts_lm_head_not_the_input_embedding():
+    """Tiny Llama, tied: N = all parameters (the shared matrix listed once, as lm_head) = 6N per token;
+    untied: the separate input embedding (49152 x 32) is not counted. +2N with an online reference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from porover.training import flops_per_token
+    tied = tiny_llama()
+    n = sum(p.numel() for p in tied.parameters())
+    assert flops_per_token(tied, online_reference=False) == 6 * n
+    assert flops_per_token(tied, online_reference=True) == 8 * n
+    untied = LlamaForCausalLM(LlamaConfig(**{**tied.config.to_dict(), "tie_word_embeddings": False}))
+    assert sum(p.numel() for p in untied.parameters()) == n + 49152 * 32
+    assert flops_per_token(untied, online_reference=False) == 6 * n
+
+
+@pytest.mark.parametrize("bad,match", [(dict(dtype="fp16"), "fp16 is not supported"),
+                                       (dict(compile=True, grad_checkpointing=True), "--compile with --grad_")])
+def test_refused_precision_and_combinations(tiny_dir, tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        train_sft.main(cfg_for(tiny_dir, "unused.jsonl", tmp_path, **bad))
+
+
+def test_compile_matches_eager(straight, tiny_dir, tmp_path):
+    """--compile (torch.compile per decoder layer) trains the same: losses within float tolerance."""
+    data, ref = straight
+    model = tmp_path / "m"
+    tiny_llama(dropout=0.0).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(model)
+    for name, flag in (("eager", False), ("compiled", True)):
+        train_sft.main(cfg_for(str(model), data, tmp_path / name, max_steps=2, save_every=None, compile=flag))
+    for a, b in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
