@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """log pi(y_t | x, y_<t) at every response token, 0 elsewhere: (B, T-1) fp32."""
-    labels = input_ids[:, 1:]                                    # (B, T-1)
-    mask = loss_mask[:, 1:].bool()                               # (B, T-1)
-    logits = logits[:, :-1].float()                              # (B, T-1, V)
-    logps = -F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-    return logps.masked_fill(~mask, 0.0)
+    B, T, V = logits.shape
+    # Position t predicts token t+1. Padding the labels (not slicing the logits) keeps the (B, T, V)
+    # logits contiguous, so no copy of them is made; the last position's dummy label is dropped.
+    labels = F.pad(input_ids[:, 1:], (0, 1))                     # (B, T)
+    logps = -F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(-1), reduction="none")
+    return logps.view(B, T)[:, :-1].masked_fill(~loss_mask[:, 1:].bool(), 0.0)  # (B, T-1)
 
 
 def sequence_logps(logits, input_ids, loss_mask, agg: str) -> torch.Tensor:
