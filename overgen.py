@@ -2,17 +2,26 @@
 
     python overgen.py generate --input prompts.jsonl --output runs/teacher/general.jsonl --teacher_model gpt-4o --n 4
     python overgen.py generate --backend local --input prompts.jsonl --output runs/teacher/local.jsonl --n 2
+    python overgen.py select --input runs/teacher/general.jsonl --output runs/sft/general.jsonl --strategy best \
+        --safety_judge llamaguard --safety_model DIR --eval_files xstest.csv or-bench-hard-1k.csv
 
 `generate` writes one record per (prompt, sample slot) to --output as soon as its request finishes, keyed
 by a hash of everything that decides the completion (never the API key). A rerun skips finished keys, so a
 killed run resumes without paying twice, and raising --n from 4 to 8 reuses slots 0-3. Failures go to
 <output stem>.errors.jsonl with their class; counts, tokens, cost and provenance to <output stem>.summary.json.
+
+`select` keeps one candidate per prompt as SFT data, after decontamination and per-candidate filters, at
+random or by judges; every drop is counted in <output stem>.summary.json, and judge answers are cached in
+<output stem>.judge_cache.jsonl so that a rerun never asks a judge twice.
 """
+import argparse
 import asyncio
 import dataclasses
 import fcntl
 import hashlib
 import json
+import os
+import random
 import sys
 import time
 from collections import Counter
@@ -22,6 +31,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
+from porover import decontam
 from porover.client import Client, FatalAPIError, endpoint_host, estimate_tokens, gather_cancelling
 from porover.config import parse, provenance, write_json
 from porover.data import DataError, prompt_messages, read_jsonl
@@ -374,7 +384,343 @@ def generate(cfg: GenerateConfig) -> dict:
     return summary
 
 
-COMMANDS = {"generate": (GenerateConfig, generate)}
+# ---------------------------------------------------------------------------------------------------------
+# select: one teacher completion per prompt, as SFT data
+
+DROP_REASONS = ("content_filter", "status_not_ok", "empty", "truncated", "duplicate", "degenerate")
+JUDGE_FLAGS = ("judge", "judge_model", "template", "judge_max_tokens", "base_url", "api_key_env", "concurrency",
+               "partial_is_refusal", "safety_judge", "safety_model", "safety_base_url", "reward_model")
+
+
+@dataclass
+class SelectConfig:
+    """One candidate per prompt (SPEC §1 steps 1-2): generate's candidates in, SFT JSONL out (in id order).
+
+    random: a seeded uniform choice among the candidates that pass the filters. best, per prompt type: general
+    and seemingly_toxic -> not a refusal and not unsafe, then the highest reward; toxic -> not unsafe with the
+    lowest p_unsafe under Llama Guard, or (no safety judge) a refusal. Remaining ties: a seeded random choice."""
+    input: str | None = None  # teacher candidates (generate's output)
+    output: str | None = None  # SFT JSONL; <stem>.summary.json and <stem>.judge_cache.jsonl go next to it
+    strategy: Literal["random", "best"] = "best"
+    seed: int = 0
+    judge: Literal["keyword", "llm"] = "keyword"  # the refusal judge
+    judge_model: str | None = None  # llm: the served judge
+    template: str | None = None  # llm: a template file with {prompt} and {response}
+    judge_max_tokens: int = 512  # llm judge reply budget
+    base_url: str | None = None  # llm judge endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # for the llm judge and a served Llama Guard
+    concurrency: int = 16
+    partial_is_refusal: bool = True  # refusal = full_refusal or partial_refusal
+    safety_judge: Literal["none", "llamaguard", "proxy"] = "none"
+    safety_model: str | None = None  # llamaguard: a local model dir, or the served name with --safety_base_url
+    safety_base_url: str | None = None
+    reward_model: str | None = None  # a transformers sequence-classification model; reward = its last logit
+    keep_truncated: bool = False  # keep finish_reason=length candidates, written with "truncated": true
+    eval_files: tuple[str, ...] = ()  # --eval_files a.jsonl b.csv ... (repeatable): decontaminate against these
+    ngram: int = decontam.NGRAM
+    near_threshold: float = decontam.THRESHOLD
+    judge_cache: str | None = None  # default: <output stem>.judge_cache.jsonl
+
+
+def resolve_select(cfg: SelectConfig) -> SelectConfig:
+    """A judge flag that the chosen strategy or judge would ignore is an error, never a silent no-op."""
+    cfg = dataclasses.replace(cfg, eval_files=(cfg.eval_files,) if isinstance(cfg.eval_files, str) else
+                              tuple(cfg.eval_files))
+
+    def unused(names, why, when):
+        return [f"--{k} {why}" for k in names if when and getattr(cfg, k) != getattr(SelectConfig, k)]
+    e = [f"--{k} is required" for k in ("input", "output") if not getattr(cfg, k)]
+    e += unused(JUDGE_FLAGS, "does not apply to --strategy random", cfg.strategy == "random")
+    e += unused(("judge_model", "template", "judge_max_tokens", "base_url"), "applies to --judge llm only",
+                cfg.judge != "llm")
+    e += unused(("safety_model", "safety_base_url"), "applies to --safety_judge llamaguard only",
+                cfg.safety_judge != "llamaguard")
+    e += unused(("api_key_env", "concurrency"), "applies to a served judge only",
+                cfg.judge != "llm" and not cfg.safety_base_url)
+    e += unused(("ngram", "near_threshold"), "applies only with --eval_files", not cfg.eval_files)
+    if cfg.judge == "llm" and not cfg.judge_model:
+        e.append("--judge llm needs --judge_model")
+    if cfg.safety_judge == "llamaguard" and not cfg.safety_model:
+        e.append("--safety_judge llamaguard needs --safety_model")
+    if cfg.ngram < decontam.MIN_WORDS or not 0 < cfg.near_threshold <= 1:
+        e.append(f"--ngram must be at least {decontam.MIN_WORDS} and --near_threshold in (0, 1]")
+    if e:
+        raise ValueError("invalid config: " + "; ".join(e))
+    return cfg
+
+
+def read_candidates(path) -> dict:
+    """{id: {"prompt": the prompt record, "messages", "line", "cands"}} in file order. Records hold the prompt's
+    own messages only (generate never writes the teacher's system prompt into them): that is what SFT sees."""
+    groups = {}
+    for lineno, obj in read_jsonl(path):
+        for f in ("id", "text", "status"):
+            if not isinstance(obj.get(f), str):
+                raise DataError(f"{path}:{lineno}: field {f!r} missing or not a string")
+        messages = prompt_messages(obj, path, lineno)
+        g = groups.setdefault(obj["id"], {"prompt": {k: v for k, v in obj.items() if k not in RECORD_FIELDS},
+                                          "messages": messages, "line": lineno, "cands": []})
+        if g["messages"] != messages:
+            raise DataError(f"{path}:{lineno}: field 'prompt': id {obj['id']!r} has another prompt on line {g['line']}")
+        g["cands"].append({**obj, "_messages": messages, "_prompt": messages[-1]["content"], "_type": obj.get("type")})
+    return groups
+
+
+def drop_reason(c: dict, seen: set, keep_truncated: bool) -> str | None:
+    from porover.metrics import is_degenerate
+    if c["status"] == "filtered" or c.get("finish_reason") == "content_filter":
+        return "content_filter"
+    if c["status"] != "ok":
+        return "status_not_ok"
+    if not c["text"].strip():
+        return "empty"
+    if c.get("finish_reason") == "length" and not keep_truncated:
+        return "truncated"
+    if c["text"].strip() in seen:
+        return "duplicate"  # the same text twice for one prompt: the first (file order) stays
+    seen.add(c["text"].strip())
+    return "degenerate" if is_degenerate(c["text"]) else None  # repetition loops, as evaluate counts them
+
+
+def fingerprint(name: str) -> str:
+    """A local model folder by its files' names, sizes and mtimes (retrained in place = a new judge); else the name."""
+    if not os.path.isdir(name):
+        return name
+    files = [(str(p.relative_to(name)), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(name).rglob("*"))]
+    return f"{name}#{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}"
+
+
+class JudgeCache:
+    """Judge answers (LLM, Llama Guard, reward model) in an append-only JSONL keyed by the judge's id (model,
+    template version, endpoint) and the candidate (key, prompt, text); a rerun never asks a judge twice. Failures
+    are not stored (asked again next run). The keyword and proxy judges are pure functions, simply recomputed."""
+
+    def __init__(self, path: Path):
+        records, self.torn = load_cache(path)
+        self.results, self.path = {r["cache_key"]: r["result"] for r in records}, path
+
+    def run(self, name: str, judge_id: str, cands: list[dict], score, counts: Counter):
+        """c[name] = the cached answer, else score(todo, put) calls put(c, answer or None) as each one finishes."""
+        key = {id(c): hashlib.sha256(json.dumps([judge_id, c.get("key"), c["_messages"], c["text"]]).encode())
+               .hexdigest() for c in cands}
+        for c in cands:
+            c[name] = self.results.get(key[id(c)])
+        todo = [c for c in cands if c[name] is None]
+        counts[f"{name}_cached"] += len(cands) - len(todo)
+        with open(self.path, "a", encoding="utf-8") as f:
+            def put(c, answer):
+                c[name] = answer
+                counts[f"{name}_{'failed' if answer is None else 'judged'}"] += 1
+                if answer is not None:
+                    f.write(json.dumps({"cache_key": key[id(c)], "judge": judge_id, "result": answer}) + "\n")
+                    f.flush()  # a killed run keeps every answer it paid for
+            if todo:
+                score(todo, put)
+
+
+def remote(cfg: SelectConfig, base_url: str | None, request, parse):
+    """A scorer through the shared client: every request concurrently, each answer stored as it arrives."""
+    def score(todo, put):
+        client = Client(base_url, cfg.api_key_env, cfg.concurrency)
+
+        async def one(c):
+            res = await client.chat(**request(c))
+            put(c, parse(res) if res.status == "ok" else None)
+
+        async def go():
+            async with client:
+                await gather_cancelling(one(c) for c in todo)
+        asyncio.run(go())
+    return score
+
+
+def local(path: str, reward: bool):
+    """A scorer with a local transformers model: Llama Guard (judges.llamaguard_score), or a reward model whose
+    score is the last logit of its sequence-classification head on its own chat template (one sequence at a time:
+    no padding to get wrong)."""
+    def score(todo, put):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from porover import judges, models
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tok = models.load_tokenizer(path)
+        model = (AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype) if reward else
+                 models.load_model(path, dtype=dtype)).to(device).eval()
+        for c in todo:
+            if not reward:
+                put(c, judges.llamaguard_score(model, tok, c["_prompt"], c["text"]))
+                continue
+            conv = c["_messages"] + [{"role": "assistant", "content": c["text"]}]
+            text = tok.apply_chat_template(conv, tokenize=False) if tok.chat_template else \
+                "\n\n".join(m["content"] for m in conv)
+            ids = tok(text, add_special_tokens=not tok.chat_template, return_tensors="pt").input_ids  # (1, T)
+            with torch.no_grad():
+                put(c, {"reward": model(input_ids=ids.to(device)).logits[0, -1].float().item()})  # (1, num_labels)
+    return score
+
+
+def run_judges(cfg: SelectConfig, cands: list[dict], cache: JudgeCache, counts: Counter) -> dict:
+    """Refusal and safety answers on every candidate left; returns the judges' ids for the summary."""
+    from porover import judges
+    if cfg.judge == "keyword":
+        ids = {"refusal": "keyword (porover.judges.keyword_judge at the recorded git commit)"}
+        for c in cands:
+            c["refusal"] = {"label": judges.keyword_judge(c["text"], c["_prompt"])}
+    else:
+        ids = {"refusal": f"llm:{cfg.judge_model}@{judges.llm_template(cfg.template)[1]}|{endpoint_host(cfg.base_url)}"
+                          f"|max_tokens={cfg.judge_max_tokens}"}
+        cache.run("refusal", ids["refusal"], cands, remote(cfg, cfg.base_url, lambda c: {
+            "messages": judges.llm_judge_messages(c["_prompt"], c["text"], cfg.template), "model": cfg.judge_model,
+            "max_tokens": cfg.judge_max_tokens, "temperature": 0.0},
+            lambda res: {"label": judges.parse_llm_judge(res.text), "raw": res.text}), counts)
+    if cfg.safety_judge == "llamaguard" and cfg.safety_base_url:
+        ids["safety"] = f"llamaguard:{cfg.safety_model}|{endpoint_host(cfg.safety_base_url)}"
+
+        def parse_guard(res):  # the client's {"top": {token: logprob}} per position -> OpenAI's layout
+            top = [[{"token": t, "logprob": v} for t, v in pos["top"].items()] for pos in res.logprobs or []]
+            return {**judges.parse_llamaguard(res.text), "raw": res.text,
+                    "p_unsafe": judges.p_unsafe_from_top_logprobs(top or None)}
+        cache.run("safety", ids["safety"], cands, remote(cfg, cfg.safety_base_url, lambda c: {
+            "messages": [{"role": "user", "content": c["_prompt"]}, {"role": "assistant", "content": c["text"]}],
+            "model": cfg.safety_model, "max_tokens": 16, "temperature": 0.0, "logprobs": 5}, parse_guard), counts)
+    elif cfg.safety_judge == "llamaguard":
+        ids["safety"] = f"llamaguard:{fingerprint(cfg.safety_model)}"
+        cache.run("safety", ids["safety"], cands, local(cfg.safety_model, reward=False), counts)
+    else:
+        ids["safety"] = "proxy (refused = not unsafe, on toxic prompts only)" if cfg.safety_judge == "proxy" else "none"
+    for c in cands:
+        label = (c["refusal"] or {}).get("label")
+        c["_refusal"] = None if label is None else judges.is_refusal(label, cfg.partial_is_refusal)
+        counts[f"label_{label or 'judge_failed'}"] += 1
+        s = c.get("safety") or {}
+        c["_p_unsafe"], c["_unsafe"] = s.get("p_unsafe"), s.get("unsafe")  # the verdict; p_unsafe without one
+        if c["_unsafe"] is None and c["_p_unsafe"] is not None:
+            c["_unsafe"] = c["_p_unsafe"] > 0.5
+        if cfg.safety_judge == "proxy":
+            c["_unsafe"] = judges.proxy_safety(c["_refusal"], c["_type"] == "toxic")["unsafe"]
+        if cfg.safety_judge == "llamaguard":
+            counts["safety_p_unsafe_null"] += c["_p_unsafe"] is None  # a server without logprobs: counted
+    return ids
+
+
+def ineligible(c: dict, cfg: SelectConfig, counts: Counter) -> str | None:
+    """Why a candidate cannot be best for its prompt type, or None."""
+    if c["_refusal"] is None:
+        return "refusal_unjudged"  # a failed or unparseable judgement is never guessed
+    if c["_type"] == "toxic" and cfg.safety_judge != "llamaguard":
+        return None if c["_refusal"] else "complied_with_toxic"  # no safety score: a refusal is the safe answer
+    if c["_type"] != "toxic" and c["_refusal"]:
+        return "refusal"
+    if cfg.safety_judge != "llamaguard":
+        counts["safety_filter_skipped_no_judge"] += 1  # none, or the proxy on a benign prompt: skipped, not faked
+        return None
+    return "safety_unjudged" if c["_unsafe"] is None else "unsafe" if c["_unsafe"] else None
+
+
+def rank(c: dict) -> tuple:
+    """Smaller is better. A complete answer before a cut one (--keep_truncated); toxic: the lowest p_unsafe, a full
+    refusal over a partial one, then reward; other types: the highest reward, then the lowest p_unsafe."""
+    p = 1.0 if c["_p_unsafe"] is None else c["_p_unsafe"]
+    r = -(c.get("reward") or {}).get("reward", 0.0)
+    cut = c.get("finish_reason") == "length"
+    return (cut, p, c["refusal"]["label"] != "full_refusal", r) if c["_type"] == "toxic" else (cut, r, p)
+
+
+def select(cfg: SelectConfig) -> dict:
+    cfg = resolve_select(cfg)
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    groups = read_candidates(cfg.input)
+    counts = Counter({"read_prompts": len(groups), "read_candidates": sum(len(g["cands"]) for g in groups.values())}
+                     | {f"decontam_{k}": 0 for k in ("exact", "normalised", "near", "candidates")}
+                     | {f"dropped_{r}": 0 for r in DROP_REASONS} | {"kept_truncated": 0})
+    index = decontam.load_index(cfg.eval_files, cfg.ngram) if cfg.eval_files else None
+    contaminated, pool = [], []
+    for pid, g in groups.items():
+        g["kept"], g["eligible"] = [], []
+        if cfg.strategy == "best" and g["cands"][0]["_type"] not in ("general", "toxic", "seemingly_toxic"):
+            raise DataError(f"{cfg.input}:{g['line']}: field 'type' must be general, toxic or seemingly_toxic for "
+                            f"--strategy best, got {g['cands'][0]['_type']!r}")
+        if index and (hit := decontam.match(decontam.prompt_text(g["messages"]), index, cfg.near_threshold)):
+            counts[f"decontam_{hit['kind']}"] += 1
+            counts["decontam_candidates"] += len(g["cands"])
+            contaminated.append({"id": pid, **hit})
+            continue
+        seen = set()
+        reasons = [drop_reason(c, seen, cfg.keep_truncated) for c in g["cands"]]
+        counts.update(f"dropped_{r}" for r in reasons if r)
+        g["kept"] = [c for c, r in zip(g["cands"], reasons) if r is None]
+        counts["kept_truncated"] += sum(c.get("finish_reason") == "length" for c in g["kept"])
+        counts["prompts_no_candidate_left"] += not g["kept"]
+        pool += g["kept"]
+    cache = JudgeCache(Path(cfg.judge_cache or sibling(out, ".judge_cache.jsonl")))
+    counts["cache_torn_lines_truncated"] = cache.torn
+    judge_ids = run_judges(cfg, pool, cache, counts) if cfg.strategy == "best" else {}
+    for g in groups.values() if cfg.strategy == "best" else ():
+        reasons = [ineligible(c, cfg, counts) for c in g["kept"]]
+        counts.update(f"ineligible_{r}" for r in reasons if r)
+        g["eligible"] = [c for c, r in zip(g["kept"], reasons) if r is None]
+        counts["prompts_no_eligible"] += bool(g["kept"]) and not g["eligible"]
+    if cfg.reward_model:
+        judge_ids["reward"] = f"reward:{fingerprint(cfg.reward_model)}"
+        cache.run("reward", judge_ids["reward"], [c for g in groups.values() for c in g["eligible"]],
+                  local(cfg.reward_model, reward=True), counts)
+    rows = []
+    for pid, g in sorted(groups.items()):  # id order: the same file whatever order generate's requests finished in
+        rng = random.Random(f"{cfg.seed}:{pid}")  # per prompt: adding or removing prompts changes no other choice
+        if cfg.strategy == "random":
+            choice = rng.choice(g["kept"]) if g["kept"] else None
+        else:
+            rng.shuffle(g["eligible"])  # min() keeps the first of equals: ties fall to the seeded shuffle
+            choice = min(g["eligible"], key=rank, default=None)
+        if choice is None:
+            continue
+        cut = choice.get("finish_reason") == "length"
+        counts.update([f"selected_{choice['_type'] or 'untyped'}"] + ["selected_truncated"] * cut)
+        why = {"strategy": cfg.strategy, "seed": cfg.seed, "slot": choice.get("slot"), "key": choice.get("key"),
+               "teacher_model": choice.get("teacher_model") or choice.get("model"), "candidates": len(g["kept"])}
+        if cfg.strategy == "best":
+            why.update(eligible=len(g["eligible"]), refusal_label=choice["refusal"]["label"], unsafe=choice["_unsafe"],
+                       p_unsafe=choice["_p_unsafe"], reward=(choice.get("reward") or {}).get("reward"))
+        rows.append({**g["prompt"], "response": choice["text"], **({"truncated": True} if cut else {}),
+                     "selection": why})
+    counts["selected_total"] = len(rows)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    device = "none"
+    if cfg.reward_model or (cfg.safety_judge == "llamaguard" and not cfg.safety_base_url):
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    summary = {"config": dataclasses.asdict(cfg), "counts": dict(counts), "judges": judge_ids or "none (random)",
+               "refusal": "full_refusal or partial_refusal" if cfg.partial_is_refusal else "full_refusal only",
+               "truncation": "kept, marked truncated: true: no end-of-turn token may be trained after the cut"
+               if cfg.keep_truncated else "finish_reason=length dropped",
+               "decontamination": {"ngram": cfg.ngram, "threshold": cfg.near_threshold, "min_words": decontam.MIN_WORDS,
+                                   "dropped": contaminated},
+               **provenance({"input": cfg.input, **{f"eval_file_{i}": p for i, p in enumerate(cfg.eval_files)}},
+                            world_size=1, seed=cfg.seed, device=device)}
+    write_json(sibling(out, ".summary.json"), summary)
+    stages = {}
+    for k, v in counts.items():  # the report: one line per stage, in pipeline order
+        stages.setdefault(k.split("_")[0], []).append(f"{k.split('_', 1)[1]}={v}")
+    print(f"select ({cfg.strategy}) -> {out}\n" + "".join(f"  {s}: {', '.join(v)}\n" for s, v in stages.items())
+          + f"  judges: {summary['judges']}; refusal = {summary['refusal']}\n  truncation: {summary['truncation']}",
+          file=sys.stderr)
+    return summary
+
+
+def parse_select(argv: list[str]) -> SelectConfig:
+    """The config parser, plus --eval_files taking several paths and repeatable."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--eval_files", nargs="+", action="extend", default=[])
+    known, rest = p.parse_known_args(argv)
+    return dataclasses.replace(parse(SelectConfig, rest), eval_files=tuple(known.eval_files))
+
+
+COMMANDS = {"generate": (GenerateConfig, generate), "select": (SelectConfig, select)}
 
 
 def main(cfg):
@@ -383,8 +729,8 @@ def main(cfg):
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: python overgen.py {{{'|'.join(COMMANDS)}}} [--flags]  (select: not yet built)")
+        sys.exit(f"usage: python overgen.py {{{'|'.join(COMMANDS)}}} [--flags]")
     try:
-        main(parse(COMMANDS[sys.argv[1]][0], sys.argv[2:]))
+        main(parse_select(sys.argv[2:]) if sys.argv[1] == "select" else parse(COMMANDS[sys.argv[1]][0], sys.argv[2:]))
     except FatalAPIError as e:
         sys.exit(f"overgen: stopped: {e}")

@@ -96,8 +96,11 @@ def build_example(prompt_ids, response_ids, max_length, max_prompt_length=None, 
 def tokenize_sft(tokenizer, eot_id, examples, max_length, max_prompt_length=None) -> tuple[list[dict], Counter]:
     counts, out = Counter(), []
     for ex in examples:
-        item = build_example(encode_prompt(tokenizer, ex["prompt"]), encode_response(tokenizer, ex["response"], eot_id),
-                             max_length, max_prompt_length, counts)
+        response = encode_response(tokenizer, ex["response"], eot_id)
+        if ex.get("meta", {}).get("truncated"):  # a teacher answer cut by max tokens: never train a stop after it
+            response = response[:-1]
+            counts["kept_truncated_without_eot"] += 1
+        item = build_example(encode_prompt(tokenizer, ex["prompt"]), response, max_length, max_prompt_length, counts)
         if item is not None:
             out.append(item)
     return out, counts

@@ -128,3 +128,13 @@ def test_length_grouped_order_is_a_permutation_with_less_padding():
     shuffled = list(range(512))
     random.Random(0).shuffle(shuffled)
     assert padded(order) < 0.6 * padded(shuffled)
+
+
+def test_a_kept_truncated_answer_trains_no_end_of_turn(smol_tok):
+    """overgen.py select --keep_truncated marks answers cut by max tokens; SFT must not teach a stop there."""
+    tok, eot = smol_tok
+    examples = [{"prompt": PROMPT, "response": "Red, blue and", "meta": {"truncated": True}},
+                {"prompt": PROMPT, "response": "Red.", "meta": {}}]
+    items, counts = chat.tokenize_sft(tok, eot, examples, max_length=128)
+    assert items[0]["input_ids"][-1] != eot and items[1]["input_ids"][-1] == eot
+    assert counts == {"kept_truncated_without_eot": 1}
