@@ -20,13 +20,13 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
-from porover import chat, dist, models, reference
+from porover import chat, checkpoint, dist, models, reference
 from porover.config import parse, provenance, write_json
 from porover.data import format_counts, read_pref
 from porover.losses import PREFERENCE_LOSSES, nll_term
-from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, flops_per_token, format_row,
-                              global_batch, grad_sync, lr_at, mfu, precision, resume, save_and_export, shard,
-                              steps_per_epoch, wrap)
+from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, decoder_layers,
+                              disable_dropout, flops_per_token, format_row, global_batch, grad_sync, lr_at, mfu,
+                              precision, resume, save_and_export, shard, steps_per_epoch, wrap)
 
 
 @dataclass
@@ -193,7 +193,10 @@ def main(cfg: Config):
     if not opts.get("reference_free"):
         ref_model = models.load_model(cfg.ref_model or cfg.model, dtype=torch.float32).eval()
         ref_model.requires_grad_(False)
-        fingerprint = reference.fingerprint(ref_model, tokenizer, dtype) if cfg.precompute_ref else None
+        fingerprint = reference.fingerprint(ref_model, tokenizer, dtype, cfg.strategy, device.type) if cfg.precompute_ref else None
+        if cfg.compile:  # the same kernels as the policy, so that the two agree at step 0
+            for layer in decoder_layers(ref_model):
+                layer.compile()
         if not cfg.ref_offload:
             ref_model.to(device)
         if cfg.strategy == "fsdp":
@@ -208,7 +211,9 @@ def main(cfg: Config):
         ref_model = None  # freed before training: precomputing is for the memory and the time
         gc.collect()
 
-    model = wrap(models.load_model(cfg.model, dtype=torch.float32).to(device), cfg, device, world, dtype)  # fp32 master
+    # Dropout off in the policy too: with it, log pi and log ref differ at step 0 by noise, and h is biased.
+    policy = disable_dropout(models.load_model(cfg.model, dtype=torch.float32))
+    model = wrap(policy.to(device), cfg, device, world, dtype)  # fp32 master weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     global_batch_size = cfg.batch_size * cfg.grad_accum * world
@@ -251,7 +256,7 @@ def main(cfg: Config):
                "tokens_per_sec_per_device": sums[-1] / step_time / world, "step_time": step_time, "epoch": epoch,
                **mfu(flops_token, sums[-1], step_time, world),
                **{k: v / consumed for k, v in zip(keys, sums)}}
-        if eval_pairs and (step % cfg.eval_every == 0 or step == max_steps):
+        if eval_pairs and (step == max_steps or cfg.eval_every and step % cfg.eval_every == 0):
             row.update(evaluate(model, ref_model, eval_pairs, opts, cfg, collate_fn, device, autocast))
         metrics.write(row)
         bar.update(1)
@@ -259,6 +264,9 @@ def main(cfg: Config):
             bar.write(format_row(row))
         save_and_export(cfg, step, max_steps, model, optimizer, tokenizer, samples_seen, meta)
     bar.close()
+    # Also after a resume that finds the run already at max_steps: a crash during the last export is repaired.
+    checkpoint.export(model, tokenizer, out / "final", {"step": step, **meta})
+    dist.print0(f"saved {out / 'final'}")
     dist.teardown()
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
-from porover import chat, dist, models
+from porover import chat, checkpoint, dist, models
 from porover.config import parse, provenance, write_json
 from porover.data import format_counts, read_sft
 from porover.losses import sft_loss
@@ -144,7 +144,7 @@ def main(cfg: Config):
         row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": seen / step_time,
                "tokens_per_sec_per_device": seen / step_time / world, "step_time": step_time, "epoch": epoch,
                **mfu(flops_token, seen, step_time, world)}
-        if eval_items is not None and (step % cfg.eval_every == 0 or step == max_steps):
+        if eval_items is not None and (step == max_steps or cfg.eval_every and step % cfg.eval_every == 0):
             row["eval/loss"] = evaluate(model, eval_items, cfg, tokenizer.pad_token_id, device, autocast)
         metrics.write(row)
         bar.update(1)
@@ -152,6 +152,9 @@ def main(cfg: Config):
             bar.write(format_row(row))
         save_and_export(cfg, step, max_steps, model, optimizer, tokenizer, samples_seen, meta)
     bar.close()
+    # Also after a resume that finds the run already at max_steps: a crash during the last export is repaired.
+    checkpoint.export(model, tokenizer, out / "final", {"step": step, **meta})
+    dist.print0(f"saved {out / 'final'}")
     dist.teardown()
 
 

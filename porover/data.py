@@ -101,7 +101,9 @@ def read_pref(path) -> tuple[list[dict], Counter]:
     examples, skipped = [], Counter()
     for lineno, obj in read_jsonl(path):
         chosen, context = _side(obj, "chosen", path, lineno)
-        rejected, _ = _side(obj, "rejected", path, lineno)
+        rejected, rejected_context = _side(obj, "rejected", path, lineno)
+        if context is not None and rejected_context is not None and context != rejected_context:
+            raise DataError(f"{path}:{lineno}: fields 'chosen' and 'rejected' carry different conversations")
         prompt = prompt_messages(obj, path, lineno) if "prompt" in obj or context is None else context
         if not chosen.strip() or not rejected.strip():
             skipped["empty_chosen" if not chosen.strip() else "empty_rejected"] += 1

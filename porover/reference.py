@@ -33,14 +33,15 @@ def pair_key(pair: dict, max_length: int, max_prompt_length: int | None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def fingerprint(model, tokenizer, dtype: str) -> str:
-    """Hash of the reference's weights (every tensor's bytes), tokenizer and chat template, and dtype."""
+def fingerprint(model, tokenizer, dtype: str, strategy: str, device_type: str) -> str:
+    """Hash of the reference's weights (every tensor's bytes), tokenizer and chat template, and what changes
+    its numerics: dtype, strategy (DDP autocasts, FSDP2 casts parameters) and device type."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
-    h.update(json.dumps([tokenizer.chat_template, tokenizer.all_special_tokens, dtype]).encode())
+    h.update(json.dumps([tokenizer.chat_template, tokenizer.all_special_tokens, dtype, strategy, device_type]).encode())
     return h.hexdigest()[:24]
 
 

@@ -92,6 +92,16 @@ def decoder_layers(model) -> list:
     return layers
 
 
+def disable_dropout(model):
+    """Every dropout of a transformers model set to 0 (nn.Dropout modules and the attention's float rate)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return model
+
+
 def wrap(model, cfg: TrainConfig, device, world, dtype: str):
     """Gradient checkpointing, compilation and data parallelism (DDP or FSDP2) around the fp32 master model."""
     if cfg.grad_checkpointing:
@@ -154,22 +164,21 @@ def run_config(cfg: TrainConfig, world: int) -> dict:
 
 
 def save_and_export(cfg: TrainConfig, step, max_steps, model, optimizer, tokenizer, samples_seen, meta):
-    """Checkpoints every --save_every steps and at the end, exports every --export_every, and the final
-    consolidated model in out_dir/final."""
+    """Checkpoints every --save_every steps and at the end, consolidated exports every --export_every."""
     out = Path(cfg.out_dir)
     if cfg.save_every and (step % cfg.save_every == 0 or step == max_steps):
         checkpoint.save(out / "checkpoints", step, model, optimizer,
                         {"samples_seen": samples_seen, "config": run_config(cfg, dist.world_size())}, cfg.keep_last)
     if cfg.export_every and step % cfg.export_every == 0 and step < max_steps:
         checkpoint.export(model, tokenizer, out / "exports" / f"step_{step:08d}", {"step": step, **meta})
-    if step == max_steps:
-        checkpoint.export(model, tokenizer, out / "final", {"step": step, **meta})
-        dist.print0(f"saved {out / 'final'}")
 
 
 def resume(cfg: TrainConfig, model, optimizer) -> tuple[int, int, bool]:
     """(step, global sample index, resumed?) from the newest complete checkpoint when --resume is set."""
     root = Path(cfg.out_dir) / "checkpoints"
+    if not cfg.resume and any(root.glob("step_*")):
+        raise ValueError(f"{root} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
+                         "another --out_dir")
     path = checkpoint.latest(root) if cfg.resume else None
     if path is None:
         if cfg.resume:
@@ -222,7 +231,8 @@ def global_batch(items, lengths, samples_seen, cfg, rank, world, collate, stand_
     """This rank's collated micro-batches of the global batch that starts at global sample `samples_seen`,
     which of them hold real examples, how many samples the global batch holds, and the epoch."""
     epoch, offset = divmod(samples_seen, len(items))
-    order = epoch_order(lengths, epoch, cfg.seed, cfg.batch_size, cfg.group_by_length)
+    # Length groups span the global batch, which a resume on another world size keeps (batch_size may change).
+    order = epoch_order(lengths, epoch, cfg.seed, cfg.batch_size * cfg.grad_accum * world, cfg.group_by_length)
     micro, consumed = rank_micro_batches(order, offset, cfg.batch_size, cfg.grad_accum, rank, world)
     batches = [collate([items[i] for i in mb] or [stand_in(items[0])]) for mb in micro]
     return batches, [bool(mb) for mb in micro], consumed, epoch
@@ -235,8 +245,11 @@ class MetricsFile:
     def __init__(self, path: Path, resume_step: int | None, active: bool):
         self.path, self.active = path, active
         if active and resume_step is not None and path.exists():
-            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= resume_step]
-            path.write_text("".join(r + "\n" for r in rows))
+            lines = path.read_text().splitlines(keepends=True)
+            if lines and not lines[-1].endswith("\n"):  # a torn last line, left by a kill mid-write
+                print(f"{path}: dropped a torn last line")
+                lines = lines[:-1]
+            path.write_text("".join(r for r in lines if r.strip() and json.loads(r)["step"] <= resume_step))
         elif active and resume_step is None:
             path.write_text("")
 

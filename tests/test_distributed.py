@@ -77,8 +77,10 @@ def test_two_ranks_train_like_one_process_and_uneven_data_does_not_hang(setup, s
         final = AutoModelForCausalLM.from_pretrained(out / other / "final")  # one plain process reloads it
         assert final.lm_head.weight.data_ptr() == final.get_input_embeddings().weight.data_ptr()
         w2 = final.state_dict()
-        # Adam can turn float-noise gradients into lr-sized steps: allow ~10 x lr x steps.
-        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 10 * 1e-3 * 5, other
+        # Adam can turn float-noise gradients into lr-sized steps for a few near-zero-gradient weights: allow
+        # ~10 x lr x steps for the largest difference (SPEC §9.7), and demand agreement on average.
+        diffs = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+        assert diffs.max().item() < 10 * 1e-3 * 5 and diffs.mean().item() < 1e-5, (other, diffs.max(), diffs.mean())
     assert json.loads((out / "fsdp/config.json").read_text())["world_size"] == 2
 
 

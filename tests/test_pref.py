@@ -288,3 +288,31 @@ def test_readme_add_a_loss(tiny_dir, tmp_path, monkeypatch):
     data = write_pairs(tmp_path / "p.jsonl", PAIRS)
     train_pref.main(base_cfg(model, data, tmp_path / "run", loss="exp"))
     assert rows(tmp_path / "run")[0]["loss"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_policy_dropout_is_off_so_step_zero_is_exact(tiny_dir, tmp_path):
+    """The tiny model has attention dropout 0.1: the policy must not apply it, or h != 0 at step 0."""
+    data = write_pairs(tmp_path / "p.jsonl", PAIRS)
+    train_pref.main(base_cfg(tiny_dir, data, tmp_path / "run"))
+    first = rows(tmp_path / "run")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(first["rewards/chosen"]) < 1e-6
+
+
+def test_precomputed_at_other_batching_step_zero(tiny_dir, tmp_path):
+    """Pairs of uneven length; the reference precomputed one pair at a time (no padding), training at batch 3
+    (padded): DPO's first loss is ln 2 to 1e-4 (SPEC §9.6)."""
+    model = str(tmp_path / "m")
+    tiny_llama(dropout=0.0).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(model)
+    extra = {"prompt": "Explain how to kill weeds without harming my lawn, in detail please.",
+             "chosen": "Pull them by hand after rain, or spot-treat with a selective herbicide.", "rejected": "No."}
+    data = write_pairs(tmp_path / "p.jsonl", PAIRS + [extra])
+    train_pref.main(base_cfg(model, data, tmp_path / "run", batch_size=3, precompute_ref=True, ref_batch_size=1))
+    assert rows(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_different_conversations_in_chosen_and_rejected_are_an_error(tmp_path):
+    a = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    b = [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "no"}]
+    with pytest.raises(DataError, match=r"p\.jsonl:1: fields 'chosen' and 'rejected' carry different"):
+        read_pref(write_pairs(tmp_path / "p.jsonl", [{"chosen": a, "rejected": b}]))

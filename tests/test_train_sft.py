@@ -173,3 +173,50 @@ def test_compile_matches_eager(straight, tiny_dir, tmp_path):
         train_sft.main(cfg_for(str(model), data, tmp_path / name, max_steps=2, save_every=None, compile=flag))
     for a, b in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled"), strict=True):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_eval_data_without_eval_every_evaluates_at_the_end(tiny_dir, straight, tmp_path):
+    data, _ = straight
+    train_sft.main(cfg_for(tiny_dir, data, tmp_path, max_steps=2, save_every=None, eval_data=data))
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/loss" not in rows[0] and rows[1]["eval/loss"] > 0
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tiny_dir, straight, tmp_path):
+    data, _ = straight
+    train_sft.main(cfg_for(tiny_dir, data, tmp_path, max_steps=3))
+    with pytest.raises(ValueError, match="pass --resume to continue it"):
+        train_sft.main(cfg_for(tiny_dir, data, tmp_path, max_steps=3))
+
+
+def test_resume_at_the_end_repairs_a_missing_export_and_a_torn_metrics_line(tiny_dir, straight, tmp_path):
+    """A run killed during its final export (its last checkpoint complete), with a half-written metrics row."""
+    data, ref = straight
+    train_sft.main(cfg_for(tiny_dir, data, tmp_path, max_steps=3))
+    import shutil
+    shutil.rmtree(tmp_path / "final")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    train_sft.main(cfg_for(tiny_dir, data, tmp_path, max_steps=3, resume=True))
+    assert (tmp_path / "final/model.safetensors").exists()
+    assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_length_groups_do_not_depend_on_how_the_global_batch_is_split():
+    """--group_by_length and a resume on another world size (batch_size 4 x 1 rank -> 2 x 2 ranks): each
+    global batch holds the same examples, so the epoch continues exactly."""
+    from porover.training import global_batch
+    lengths = [(i * 37) % 200 + 1 for i in range(100)]
+    items = list(range(100))
+
+    def batch_sets(batch_size, world):
+        cfg = train_sft.Config(batch_size=batch_size, grad_accum=1, group_by_length=True, seed=3)
+        out = []
+        for seen in range(0, 100, 4):
+            ids = set()
+            for rank in range(world):
+                mbs = global_batch(items, lengths, seen, cfg, rank, world, lambda xs: xs, lambda x: None)[0]
+                ids |= {i for mb in mbs for i in mb if i is not None}
+            out.append(ids)
+        return out
+    assert batch_sets(4, 1) == batch_sets(2, 2)
