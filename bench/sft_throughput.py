@@ -3,7 +3,7 @@
     python bench/sft_throughput.py [--steps 10] [--repeats 3]
 
 Embedded SmolLM2-135M, batch 4, max_length 256, fp32 on CPU, the seed set's batches in the same order for
-both. Each measurement runs in its own process (peak RSS from ru_maxrss only grows); the two are
+both (`--full_length`: the seed answers repeated so that every sequence fills the 256 tokens). Each measurement runs in its own process (peak RSS from ru_maxrss only grows); the two are
 interleaved and the median of the repeats reported. Tokens/s counts non-pad tokens per optimizer-step
 wall-second, the first 2 steps (warm-up) excluded.
 """
@@ -20,7 +20,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def plain(steps):
+def full_length_data(path):
+    """Seed prompts with their answers repeated to overflow max_length: every sequence is 256 tokens."""
+    rows = [json.loads(line) for line in open("data/demo/sft_seed.jsonl")]
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt": r["prompt"], "response": " ".join([r["response"]] * 4)}) + "\n")
+    return path
+
+
+def plain(steps, data):
     import torch
     from porover import chat, models
     from porover.data import read_sft
@@ -28,7 +37,7 @@ def plain(steps):
 
     tok = models.load_tokenizer("smollm2-135m")
     eot = chat.prepare_tokenizer(tok)
-    items, _ = chat.tokenize_sft(tok, eot, read_sft("data/demo/sft_seed.jsonl")[0], 256)
+    items, _ = chat.tokenize_sft(tok, eot, read_sft(data)[0], 256)
     torch.manual_seed(1337)
     model = models.load_model("smollm2-135m").train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
@@ -46,11 +55,11 @@ def plain(steps):
     return rates
 
 
-def porover(steps):
+def porover(steps, data):
     import train_sft
 
     with tempfile.TemporaryDirectory() as out:
-        train_sft.main(train_sft.Config(max_steps=steps, batch_size=4, max_length=256, out_dir=out, lr=1e-5))
+        train_sft.main(train_sft.Config(data=data, max_steps=steps, batch_size=4, max_length=256, out_dir=out, lr=1e-5))
         return [json.loads(r)["tokens_per_sec"] for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -59,17 +68,22 @@ def main():
     ap.add_argument("--worker", choices=["plain", "porover"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--full_length", action="store_true", help="every sequence 256 tokens (answers repeated)")
     args = ap.parse_args()
     if args.worker:
-        rates = {"plain": plain, "porover": porover}[args.worker](args.steps)[2:]
+        data = "data/demo/sft_seed.jsonl"
+        if args.full_length:
+            data = full_length_data(Path(tempfile.mkdtemp()) / "long.jsonl")
+        rates = {"plain": plain, "porover": porover}[args.worker](args.steps, str(data))[2:]
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(json.dumps({"tokens_per_sec": statistics.median(rates), "peak_rss_gb": peak_gb}))
         return
     results = {"plain": [], "porover": []}
     for r in range(args.repeats):
         for name in results:
-            out = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True).stdout
+            cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps)]
+            out = subprocess.run(cmd + ["--full_length"] * args.full_length, capture_output=True, text=True,
+                                 check=True).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"repeat {r} {name}: {results[name][-1]}", flush=True)
     med = {k: statistics.median(x["tokens_per_sec"] for x in v) for k, v in results.items()}
