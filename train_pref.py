@@ -76,6 +76,8 @@ def loss_options(cfg: Config) -> dict:
         errors.append("--ref_batch_size needs --precompute_ref")
     if cfg.ref_offload and (cfg.strategy != "fsdp" or cfg.precompute_ref or opts.get("reference_free")):
         errors.append("--ref_offload needs --strategy fsdp and an online reference")
+    elif cfg.ref_offload and not torch.cuda.is_available():
+        errors.append("--ref_offload keeps the reference's shards in CPU memory off the GPU; on CPU it is moot")
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))
     return opts

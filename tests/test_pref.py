@@ -316,3 +316,14 @@ def test_different_conversations_in_chosen_and_rejected_are_an_error(tmp_path):
     b = [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "no"}]
     with pytest.raises(DataError, match=r"p\.jsonl:1: fields 'chosen' and 'rejected' carry different"):
         read_pref(write_pairs(tmp_path / "p.jsonl", [{"chosen": a, "rejected": b}]))
+
+
+def test_ref_offload_needs_fsdp_an_online_reference_and_a_gpu(tiny_dir, tmp_path):
+    data = write_pairs(tmp_path / "p.jsonl", PAIRS)
+    with pytest.raises(ValueError, match="--ref_offload needs --strategy fsdp"):
+        train_pref.main(base_cfg(tiny_dir, data, tmp_path / "a", ref_offload=True))
+    with pytest.raises(ValueError, match="--ref_offload needs --strategy fsdp and an online reference"):
+        train_pref.main(base_cfg(tiny_dir, data, tmp_path / "b", ref_offload=True, strategy="fsdp", precompute_ref=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="on CPU it is moot"):
+            train_pref.main(base_cfg(tiny_dir, data, tmp_path / "c", ref_offload=True, strategy="fsdp"))
