@@ -20,12 +20,12 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
-from porover import chat, checkpoint, dist, models, reference
+from porover import chat, dist, models, reference
 from porover.config import parse, provenance, write_json
 from porover.data import format_counts, read_pref
 from porover.losses import PREFERENCE_LOSSES, nll_term
 from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, decoder_layers,
-                              disable_dropout, flops_per_token, format_row, global_batch, grad_sync, lr_at, mfu,
+                              disable_dropout, finish, flops_per_token, global_batch, grad_sync, lr_at, mfu,
                               precision, resume, save_and_export, shard, steps_per_epoch, wrap)
 
 
@@ -260,16 +260,9 @@ def main(cfg: Config):
                **{k: v / consumed for k, v in zip(keys, sums)}}
         if eval_pairs and (step == max_steps or cfg.eval_every and step % cfg.eval_every == 0):
             row.update(evaluate(model, ref_model, eval_pairs, opts, cfg, collate_fn, device, autocast))
-        metrics.write(row)
-        bar.update(1)
-        if step % cfg.log_every == 0 and rank == 0:
-            bar.write(format_row(row))
+        metrics.write(row, bar, log=step % cfg.log_every == 0)
         save_and_export(cfg, step, max_steps, model, optimizer, tokenizer, samples_seen, meta)
-    bar.close()
-    # Also after a resume that finds the run already at max_steps: a crash during the last export is repaired.
-    checkpoint.export(model, tokenizer, out / "final", {"step": step, **meta})
-    dist.print0(f"saved {out / 'final'}")
-    dist.teardown()
+    finish(model, tokenizer, out, step, meta, bar)
 
 
 if __name__ == "__main__":

@@ -253,7 +253,20 @@ class MetricsFile:
         elif active and resume_step is None:
             path.write_text("")
 
-    def write(self, row: dict):
+    def write(self, row: dict, bar, log: bool):
+        """Append the row, advance the progress bar, and print the row as the step's log line."""
+        bar.update(1)
         if self.active:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if log:
+                bar.write(format_row(row))
+
+
+def finish(model, tokenizer, out: Path, step: int, meta: dict, bar):
+    """The consolidated final export, also after a resume that finds the run already at max_steps (so a
+    crash during the last export is repaired), then leave the process group."""
+    bar.close()
+    checkpoint.export(model, tokenizer, out / "final", {"step": step, **meta})
+    dist.print0(f"saved {out / 'final'}")
+    dist.teardown()
