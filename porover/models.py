@@ -46,6 +46,10 @@ def convert_embedded(dest: Path) -> None:
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
         config = gguf_model.config
         del config.quantization_config  # save_pretrained refuses a model that carries it
+        # The tokenizer's end and pad tokens follow the model config, which reads the GGUF's ids right (2, 2:
+        # <|im_end|>); transformers before 5.24 gave the tokenizer eos <|im_start|> and no pad.
+        tokenizer.eos_token, tokenizer.pad_token = (tokenizer.convert_ids_to_tokens(i) for i in
+                                                    (config.eos_token_id, config.pad_token_id))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.tie_weights()
