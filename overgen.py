@@ -13,6 +13,13 @@ killed run resumes without paying twice, and raising --n from 4 to 8 reuses slot
 `select` keeps one candidate per prompt as SFT data, after decontamination and per-candidate filters, at
 random or by judges; every drop is counted in <output stem>.summary.json, and judge answers are cached in
 <output stem>.judge_cache.jsonl so that a rerun never asks a judge twice.
+
+`pairs` builds POROver's preference pairs (Algorithm 1, porover/pairs.py) from the student's samples and the
+teacher's candidates on the same prompts, with the same judges, caches, decontamination and counts:
+    python overgen.py generate --backend local --teacher_model runs/sft/final --input prompts.jsonl \
+        --output runs/pairs/student.jsonl --n 4 --temperature 1.0
+    python overgen.py pairs --student runs/pairs/student.jsonl --teacher runs/teacher/st.jsonl \
+        --output runs/pairs/pairs.jsonl --k_student 4 --tau_refusal 0.5
 """
 import argparse
 import asyncio
@@ -393,15 +400,8 @@ JUDGE_FLAGS = ("judge", "judge_model", "template", "judge_max_tokens", "base_url
 
 
 @dataclass
-class SelectConfig:
-    """One candidate per prompt (SPEC §1 steps 1-2): generate's candidates in, SFT JSONL out (in id order).
-
-    random: a seeded uniform choice among the candidates that pass the filters. best, per prompt type: general
-    and seemingly_toxic -> not a refusal and not unsafe, then the highest reward; toxic -> not unsafe with the
-    lowest p_unsafe under Llama Guard, or (no safety judge) a refusal. Remaining ties: a seeded random choice."""
-    input: str | None = None  # teacher candidates (generate's output)
-    output: str | None = None  # SFT JSONL; <stem>.summary.json and <stem>.judge_cache.jsonl go next to it
-    strategy: Literal["random", "best"] = "best"
+class JudgeConfig:
+    """The judges and the decontamination that select and pairs share."""
     seed: int = 0
     judge: Literal["keyword", "llm"] = "keyword"  # the refusal judge
     judge_model: str | None = None  # llm: the served judge
@@ -414,23 +414,32 @@ class SelectConfig:
     safety_judge: Literal["none", "llamaguard", "proxy"] = "none"
     safety_model: str | None = None  # llamaguard: a local model dir, or the served name with --safety_base_url
     safety_base_url: str | None = None
-    reward_model: str | None = None  # a transformers sequence-classification model; reward = its last logit
-    keep_truncated: bool = False  # keep finish_reason=length candidates, written with "truncated": true
     eval_files: tuple[str, ...] = ()  # --eval_files a.jsonl b.csv ... (repeatable): decontaminate against these
     ngram: int = decontam.NGRAM
     near_threshold: float = decontam.THRESHOLD
     judge_cache: str | None = None  # default: <output stem>.judge_cache.jsonl
 
 
-def resolve_select(cfg: SelectConfig) -> SelectConfig:
-    """A judge flag that the chosen strategy or judge would ignore is an error, never a silent no-op."""
-    cfg = dataclasses.replace(cfg, eval_files=(cfg.eval_files,) if isinstance(cfg.eval_files, str) else
-                              tuple(cfg.eval_files))
+@dataclass
+class SelectConfig(JudgeConfig):
+    """One candidate per prompt (SPEC §1 steps 1-2): generate's candidates in, SFT JSONL out (in id order).
 
+    random: a seeded uniform choice among the candidates that pass the filters. best, per prompt type: general
+    and seemingly_toxic -> not a refusal and not unsafe, then the highest reward; toxic -> not unsafe with the
+    lowest p_unsafe under Llama Guard, or (no safety judge) a refusal. Remaining ties: a seeded random choice."""
+    input: str | None = None  # teacher candidates (generate's output)
+    output: str | None = None  # SFT JSONL; <stem>.summary.json and <stem>.judge_cache.jsonl go next to it
+    strategy: Literal["random", "best"] = "best"
+    reward_model: str | None = None  # a transformers sequence-classification model; reward = its last logit
+    keep_truncated: bool = False  # keep finish_reason=length candidates, written with "truncated": true
+
+
+def judge_errors(cfg: JudgeConfig, required: tuple[str, ...], judged: bool) -> list[str]:
+    """A judge flag that the judges in use would ignore is an error, never a silent no-op."""
     def unused(names, why, when):
-        return [f"--{k} {why}" for k in names if when and getattr(cfg, k) != getattr(SelectConfig, k)]
-    e = [f"--{k} is required" for k in ("input", "output") if not getattr(cfg, k)]
-    e += unused(JUDGE_FLAGS, "does not apply to --strategy random", cfg.strategy == "random")
+        return [f"--{k} {why}" for k in names if when and getattr(cfg, k) != getattr(type(cfg), k)]
+    e = [f"--{k} is required" for k in required if not getattr(cfg, k)]
+    e += unused(JUDGE_FLAGS, "does not apply to --strategy random", not judged)
     e += unused(("judge_model", "template", "judge_max_tokens", "base_url"), "applies to --judge llm only",
                 cfg.judge != "llm")
     e += unused(("safety_model", "safety_base_url"), "applies to --safety_judge llamaguard only",
@@ -444,7 +453,17 @@ def resolve_select(cfg: SelectConfig) -> SelectConfig:
         e.append("--safety_judge llamaguard needs --safety_model")
     if cfg.ngram < decontam.MIN_WORDS or not 0 < cfg.near_threshold <= 1:
         e.append(f"--ngram must be at least {decontam.MIN_WORDS} and --near_threshold in (0, 1]")
-    if e:
+    return e
+
+
+def with_tuple_eval_files(cfg):
+    return dataclasses.replace(cfg, eval_files=(cfg.eval_files,) if isinstance(cfg.eval_files, str) else
+                               tuple(cfg.eval_files))
+
+
+def resolve_select(cfg: SelectConfig) -> SelectConfig:
+    cfg = with_tuple_eval_files(cfg)
+    if e := judge_errors(cfg, ("input", "output"), cfg.strategy == "best"):
         raise ValueError("invalid config: " + "; ".join(e))
     return cfg
 
@@ -690,10 +709,6 @@ def select(cfg: SelectConfig) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, out)
-    device = "none"
-    if cfg.reward_model or (cfg.safety_judge == "llamaguard" and not cfg.safety_base_url):
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     summary = {"config": dataclasses.asdict(cfg), "counts": dict(counts), "judges": judge_ids or "none (random)",
                "refusal": "full_refusal or partial_refusal" if cfg.partial_is_refusal else "full_refusal only",
                "truncation": "kept, marked truncated: true: no end-of-turn token may be trained after the cut"
@@ -701,26 +716,167 @@ def select(cfg: SelectConfig) -> dict:
                "decontamination": {"ngram": cfg.ngram, "threshold": cfg.near_threshold, "min_words": decontam.MIN_WORDS,
                                    "dropped": contaminated},
                **provenance({"input": cfg.input, **{f"eval_file_{i}": p for i, p in enumerate(cfg.eval_files)}},
-                            world_size=1, seed=cfg.seed, device=device)}
+                            world_size=1, seed=cfg.seed, device=judge_device(cfg))}
     write_json(sibling(out, ".summary.json"), summary)
-    stages = {}
-    for k, v in counts.items():  # the report: one line per stage, in pipeline order
-        stages.setdefault(k.split("_")[0], []).append(f"{k.split('_', 1)[1]}={v}")
-    print(f"select ({cfg.strategy}) -> {out}\n" + "".join(f"  {s}: {', '.join(v)}\n" for s, v in stages.items())
-          + f"  judges: {summary['judges']}; refusal = {summary['refusal']}\n  truncation: {summary['truncation']}",
-          file=sys.stderr)
+    report(f"select ({cfg.strategy}) -> {out}", counts, f"judges: {summary['judges']}; refusal = {summary['refusal']}\n"
+           f"  truncation: {summary['truncation']}")
     return summary
 
 
-def parse_select(argv: list[str]) -> SelectConfig:
+def judge_device(cfg: JudgeConfig) -> str:
+    """Where the local judges ran, for provenance: none when every judge is a pure function or served."""
+    if getattr(cfg, "reward_model", None) or (cfg.safety_judge == "llamaguard" and not cfg.safety_base_url):
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "none"
+
+
+def report(title: str, counts: Counter, extra: str):
+    """The counts on stderr, one line per stage in pipeline order (a count's stage is its first word)."""
+    stages = {}
+    for k, v in counts.items():
+        stages.setdefault(k.split("_")[0], []).append(f"{k.split('_', 1)[1]}={v}")
+    print(f"{title}\n" + "".join(f"  {s}: {', '.join(v)}\n" for s, v in stages.items()) + f"  {extra}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pairs: POROver's preference pairs (Algorithm 1, porover/pairs.py)
+
+@dataclass
+class PairsConfig(JudgeConfig):
+    """Preference pairs (SPEC §1 step 3): the student's own refusals of seemingly toxic prompts against the teacher's
+    compliant answers, plus optional safety anchors on toxic prompts; the rule is in porover/pairs.py. Both inputs are
+    generate's output on the same prompts, each typed seemingly_toxic or toxic (general prompts are skipped):
+        student: generate --backend local --teacher_model runs/sft/final --n 4 --temperature 1.0
+        teacher: generate --teacher_model gpt-4o --n 4
+    Out: preference JSONL for train_pref.py, in id order, each pair with why it was built under "pair"."""
+    student: str | None = None  # the student's samples (generate's output); slots 0..k_student-1 are read
+    teacher: str | None = None  # the teacher's candidates (generate's output)
+    output: str | None = None  # preference JSONL; <stem>.summary.json and <stem>.judge_cache.jsonl go next to it
+    k_student: int = 4  # K: student samples per prompt for the refusal fraction
+    tau_refusal: float = 0.5  # overrefused when at least this share of the K samples are refusals
+    tau_safe: float = 0.5  # chosen needs safety_score = 1 - p_unsafe >= tau_safe (needs --safety_judge llamaguard)
+    anchor_ratio: float = 0.0  # safety-anchor pairs on toxic prompts per overrefusal pair
+
+
+def resolve_pairs(cfg: PairsConfig) -> PairsConfig:
+    cfg = with_tuple_eval_files(cfg)
+    e = judge_errors(cfg, ("student", "teacher", "output"), judged=True)
+    if cfg.safety_judge == "proxy":
+        e.append("--safety_judge proxy scores refusals, which the pairs contrast: use none or llamaguard")
+    if cfg.tau_safe != PairsConfig.tau_safe and cfg.safety_judge != "llamaguard":
+        e.append("--tau_safe needs --safety_judge llamaguard")
+    if cfg.k_student < 1:
+        e.append("--k_student must be at least 1")
+    if not 0 < cfg.tau_refusal <= 1 or not 0 <= cfg.tau_safe <= 1 or cfg.anchor_ratio < 0:
+        e.append("--tau_refusal must be in (0, 1], --tau_safe in [0, 1] and --anchor_ratio at least 0")
+    if e:
+        raise ValueError("invalid config: " + "; ".join(e))
+    return cfg
+
+
+def pair_row(g: dict, pair: dict, kind: str, cfg: PairsConfig) -> dict:
+    chosen, rejected = pair["chosen"], pair["rejected"]
+    why = {"kind": kind, "seed": cfg.seed, "chosen_slot": chosen.get("slot"), "rejected_slot": rejected.get("slot"),
+           "teacher_model": chosen.get("teacher_model") or chosen.get("model"),
+           "student_model": rejected.get("teacher_model") or rejected.get("model"),
+           "chosen_label": chosen["refusal"]["label"], "rejected_label": rejected["refusal"]["label"],
+           "chosen_p_unsafe": chosen["_p_unsafe"], "rejected_p_unsafe": rejected["_p_unsafe"]}
+    if kind == "overrefusal":
+        why.update(refusal_fraction=pair["refusal_fraction"], k_student=cfg.k_student, tau_refusal=cfg.tau_refusal)
+    return {**g["prompt"], "chosen": chosen["text"], "rejected": rejected["text"], "pair": why}
+
+
+def pairs(cfg: PairsConfig) -> dict:
+    from porover import pairs as algorithm
+    cfg = resolve_pairs(cfg)
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    student, teacher = read_candidates(cfg.student), read_candidates(cfg.teacher)
+    counts = Counter({"read_prompts": len(student), "read_student_samples": sum(len(g["cands"]) for g in student.values()),
+                      "read_teacher_candidates": sum(len(g["cands"]) for g in teacher.values()),
+                      "read_teacher_prompts_without_student_samples": len(teacher.keys() - student.keys())}
+                     | {f"decontam_{k}": 0 for k in ("exact", "normalised", "near")})
+    index = decontam.load_index(cfg.eval_files, cfg.ngram) if cfg.eval_files else None
+    contaminated, todo = [], []
+    for pid, g in student.items():
+        kind, t = g["cands"][0]["_type"], teacher.get(pid)
+        if kind not in ("seemingly_toxic", "toxic", "general"):
+            raise DataError(f"{cfg.student}:{g['line']}: field 'type' must be seemingly_toxic, toxic or general, got "
+                            f"{kind!r}")
+        if bad := next((c for c in g["cands"] if not isinstance(c.get("slot"), int)), None):
+            raise DataError(f"{cfg.student}: id {pid!r}: field 'slot' missing or not an integer ({bad.get('slot')!r})")
+        if t is not None and t["messages"] != g["messages"]:
+            raise DataError(f"{cfg.teacher}:{t['line']}: field 'prompt': id {pid!r} has another prompt on "
+                            f"{cfg.student}:{g['line']}")
+        if kind == "general" or kind == "toxic" and not cfg.anchor_ratio:
+            counts[f"skipped_{kind}" + ("_no_anchor_ratio" if kind == "toxic" else "")] += 1
+        elif t is None:
+            counts["skipped_no_teacher_candidates"] += 1
+        elif index and (hit := decontam.match(decontam.prompt_text(g["messages"]), index, cfg.near_threshold)):
+            counts[f"decontam_{hit['kind']}"] += 1
+            contaminated.append({"id": pid, **hit})
+        else:
+            seen = set()  # the teacher's candidates go through select's filters; the student's samples are all read
+            reasons = [drop_reason(c, seen, keep_truncated=False) for c in t["cands"]]
+            counts.update(f"teacher_dropped_{r}" for r in reasons if r)
+            t["kept"] = [c for c, r in zip(t["cands"], reasons) if r is None]
+            todo.append((pid, kind, g, t))
+    cache = JudgeCache(Path(cfg.judge_cache or sibling(out, ".judge_cache.jsonl")))
+    counts["cache_torn_lines_truncated"] = cache.torn
+    # The safety judge reads the student only where anchors need it: on toxic prompts.
+    refusal_only = dataclasses.replace(cfg, safety_judge="none", safety_model=None, safety_base_url=None)
+    for role, judge_cfg, cands in (
+            ("student", refusal_only, [c for _, k, g, _ in todo if k != "toxic" for c in g["cands"] if algorithm.usable(c)]),
+            ("student", cfg, [c for _, k, g, _ in todo if k == "toxic" for c in g["cands"] if algorithm.usable(c)]),
+            ("teacher", cfg, [c for *_, t in todo for c in t["kept"]])):
+        judged = Counter()
+        judge_ids = run_judges(judge_cfg, cands, cache, judged)
+        counts.update({f"{role}_{k}": v for k, v in judged.items()})
+    rows, anchors, safety = [], [], cfg.safety_judge == "llamaguard"
+    for pid, kind, g, t in todo:
+        rng = random.Random(f"{cfg.seed}:{pid}")  # per prompt: adding or removing prompts changes no other pair
+        if kind == "seemingly_toxic":
+            pair, why = algorithm.overrefusal_pair(g["cands"], t["kept"], cfg.k_student, cfg.tau_refusal, cfg.tau_safe,
+                                                   safety, rng)
+            rows += [(pid, pair_row(g, pair, "overrefusal", cfg))] if pair else []
+        else:
+            pair, why = algorithm.anchor_pair(g["cands"], t["kept"], cfg.tau_safe, safety, rng)
+            anchors += [(pid, pair_row(g, pair, "safety_anchor", cfg))] if pair else []
+        counts[f"{kind}_{why}"] += 1
+    picked = algorithm.take_anchors(anchors, len(rows), cfg.anchor_ratio, cfg.seed)
+    counts.update(pairs_overrefusal=len(rows), pairs_safety_anchor=len(picked),
+                  pairs_anchor_short=max(0, round(cfg.anchor_ratio * len(rows)) - len(picked)))
+    if not safety:
+        counts["pairs_chosen_safety_filter_skipped_no_judge"] = len(rows) + len(picked)
+    rows = [r for _, r in sorted(rows + picked, key=lambda x: x[0])]
+    counts["pairs_total"] = len(rows)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    summary = {"config": dataclasses.asdict(cfg), "counts": dict(counts), "judges": judge_ids,
+               "refusal": "full_refusal or partial_refusal" if cfg.partial_is_refusal else "full_refusal only",
+               "safety": "chosen: not unsafe and 1 - p_unsafe >= tau_safe" if safety else
+               "no safety judge: the tau_safe filter is skipped (counted); anchors use refusal as the safe answer",
+               "decontamination": {"ngram": cfg.ngram, "threshold": cfg.near_threshold, "min_words": decontam.MIN_WORDS,
+                                   "dropped": contaminated},
+               **provenance({"student": cfg.student, "teacher": cfg.teacher,
+                             **{f"eval_file_{i}": p for i, p in enumerate(cfg.eval_files)}},
+                            world_size=1, seed=cfg.seed, device=judge_device(cfg))}
+    write_json(sibling(out, ".summary.json"), summary)
+    report(f"pairs -> {out}", counts, f"judges: {judge_ids}; refusal = {summary['refusal']}\n  safety: {summary['safety']}")
+    return summary
+
+
+def parse_judged(cls, argv: list[str]):
     """The config parser, plus --eval_files taking several paths and repeatable."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--eval_files", nargs="+", action="extend", default=[])
     known, rest = p.parse_known_args(argv)
-    return dataclasses.replace(parse(SelectConfig, rest), eval_files=tuple(known.eval_files))
+    return dataclasses.replace(parse(cls, rest), eval_files=tuple(known.eval_files))
 
 
-COMMANDS = {"generate": (GenerateConfig, generate), "select": (SelectConfig, select)}
+COMMANDS = {"generate": (GenerateConfig, generate), "select": (SelectConfig, select), "pairs": (PairsConfig, pairs)}
 
 
 def main(cfg):
@@ -731,6 +887,7 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(f"usage: python overgen.py {{{'|'.join(COMMANDS)}}} [--flags]")
     try:
-        main(parse_select(sys.argv[2:]) if sys.argv[1] == "select" else parse(COMMANDS[sys.argv[1]][0], sys.argv[2:]))
+        cls = COMMANDS[sys.argv[1]][0]
+        main(parse_judged(cls, sys.argv[2:]) if issubclass(cls, JudgeConfig) else parse(cls, sys.argv[2:]))
     except FatalAPIError as e:
         sys.exit(f"overgen: stopped: {e}")

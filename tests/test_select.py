@@ -222,7 +222,7 @@ def test_decontam_tests_and_thresholds(tmp_path):
 
 
 def test_eval_files_flag_takes_several_paths_and_repeats():
-    cfg = overgen.parse_select(["--input", "c.jsonl", "--eval_files", "a.jsonl", "b.csv", "--output", "o.jsonl",
+    cfg = overgen.parse_judged(overgen.SelectConfig, ["--input", "c.jsonl", "--eval_files", "a.jsonl", "b.csv", "--output", "o.jsonl",
                                 "--eval_files", "c.csv", "--strategy", "random"])
     assert cfg.eval_files == ("a.jsonl", "b.csv", "c.csv") and cfg.output == "o.jsonl" and cfg.strategy == "random"
 

@@ -1,0 +1,245 @@
+"""POROver's preference pairs: Algorithm 1's thresholds on hand-made judged candidates (porover/pairs.py), and
+overgen.py pairs end to end on hand-made student and teacher files (keyword judge; served Llama Guard through a
+loopback server), its counts exact and its output readable by train_pref.py."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+import overgen
+from porover import pairs
+from porover.data import DataError, read_pref
+from tests import openai_server
+from tests.openai_server import FakeOpenAI
+
+
+def cand(text, slot=0, refusal=False, p_unsafe=None, unsafe=None, status="ok", finish="stop"):
+    return {"text": text, "slot": slot, "status": status, "finish_reason": finish, "_refusal": refusal,
+            "_p_unsafe": p_unsafe, "_unsafe": unsafe}
+
+
+def student(n_refusals, k=4, **kw):
+    return [cand(f"refusal {i}" if i < n_refusals else f"answer {i}", slot=i, refusal=i < n_refusals, **kw)
+            for i in range(k)]
+
+
+TEACHER = [cand("I can't.", slot=0, refusal=True, p_unsafe=0.0, unsafe=False),
+           cand("Use kill -9 PID.", slot=1, p_unsafe=0.25, unsafe=False),
+           cand("Use pkill NAME.", slot=2, p_unsafe=0.05, unsafe=False)]
+
+
+@pytest.mark.parametrize("n_refusals,tau,outcome", [(2, 0.5, "pair"), (1, 0.5, "not_overrefused"),
+                                                     (3, 0.75, "pair"), (2, 0.75, "not_overrefused"),
+                                                     (4, 1.0, "pair"), (0, 0.25, "not_overrefused")])
+def test_overrefused_when_the_refusal_fraction_reaches_tau(n_refusals, tau, outcome):
+    pair, why = pairs.overrefusal_pair(student(n_refusals), TEACHER, 4, tau, 0.5, False, random.Random(0))
+    assert why == outcome and (pair is not None) == (outcome == "pair")
+    if pair:
+        assert pair["refusal_fraction"] == n_refusals / 4
+
+
+def test_chosen_is_a_compliant_teacher_answer_and_rejected_a_student_refusal():
+    for seed in range(20):
+        pair, _ = pairs.overrefusal_pair(student(3), TEACHER, 4, 0.5, 0.5, False, random.Random(seed))
+        assert pair["chosen"]["_refusal"] is False and pair["chosen"]["text"] != "I can't."
+        assert pair["rejected"]["_refusal"] is True and pair["rejected"]["text"].startswith("refusal")
+    seen = {pairs.overrefusal_pair(student(3), TEACHER, 4, 0.5, 0.5, False, random.Random(s))[0]["rejected"]["slot"]
+            for s in range(20)}
+    assert seen == {0, 1, 2}  # a seeded choice among the refusals, not always the first
+
+
+def test_tau_safe_filters_the_chosen_answer_only_with_a_safety_judge():
+    rng = random.Random(0)
+    both = {"Use kill -9 PID.", "Use pkill NAME."}
+    for tau_safe, texts in [(0.5, both), (0.75, both), (0.76, {"Use pkill NAME."})]:  # 1 - 0.25 = 0.75 passes 0.75
+        chosen = {pairs.overrefusal_pair(student(4), TEACHER, 4, 0.5, tau_safe, True, rng)[0]["chosen"]["text"]
+                  for _ in range(20)}
+        assert chosen == texts
+    assert pairs.overrefusal_pair(student(4), TEACHER, 4, 0.5, 0.99, True, rng) == (None, "no_teacher_answer_safe_enough")
+    # Without a safety judge the scores are not read: the 0.25 answer stays a candidate.
+    assert pairs.overrefusal_pair(student(4), TEACHER[1:2], 4, 0.5, 0.99, False, rng)[0] is not None
+    unscored = [cand("Use kill.", slot=0, unsafe=False)]  # a verdict without p_unsafe is not a score
+    assert pairs.overrefusal_pair(student(4), unscored, 4, 0.5, 0.5, True, rng)[1] == "no_teacher_answer_safe_enough"
+    flagged = [cand("Use kill.", slot=0, p_unsafe=0.1, unsafe=True)]  # the verdict says unsafe: never chosen
+    assert pairs.overrefusal_pair(student(4), flagged, 4, 0.5, 0.5, True, rng)[1] == "no_teacher_answer_safe_enough"
+
+
+def test_the_refusal_fraction_needs_k_usable_judged_samples():
+    rng = random.Random(0)
+    s = student(4, k=6)
+    assert pairs.overrefusal_pair(s[:3], TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_fewer_than_k"
+    assert pairs.overrefusal_pair(s[:2] + s[4:], TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_fewer_than_k"
+    failed = student(2)
+    failed[3] = cand("", slot=3, status="failed")
+    assert pairs.overrefusal_pair(failed, TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_fewer_than_k"
+    unjudged = student(2)
+    unjudged[3]["_refusal"] = None
+    assert pairs.overrefusal_pair(unjudged, TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_unjudged"
+    # Slots from K on are not read: 4 refusals in slots 0-3 and 2 answers after them give r = 1.
+    assert pairs.overrefusal_pair(s, TEACHER, 4, 1.0, 0.5, False, rng)[0]["refusal_fraction"] == 1.0
+    same = [cand("I can't help.", slot=i, refusal=True) for i in range(4)]  # identical refusals all count
+    assert pairs.overrefusal_pair(same, TEACHER, 4, 1.0, 0.5, False, rng)[1] == "pair"
+
+
+def test_cut_texts_are_never_chosen_or_rejected():
+    rng = random.Random(0)
+    cut = student(2, finish="length")
+    assert pairs.overrefusal_pair(cut, TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_refusals_truncated"
+    teacher = [cand("Use kill -9", slot=0, finish="length"), cand("I can't.", slot=1, refusal=True)]
+    assert pairs.overrefusal_pair(student(2), teacher, 4, 0.5, 0.5, False, rng)[1] == "no_compliant_teacher_answer"
+
+
+def test_anchor_pairs_with_and_without_a_safety_judge():
+    rng = random.Random(0)
+    teacher = [cand("Sure, here is how.", slot=0, p_unsafe=0.9, unsafe=True),
+               cand("I won't help with that.", slot=1, refusal=True, p_unsafe=0.01, unsafe=False)]
+    students = [cand("Step one: ...", slot=0, p_unsafe=0.8, unsafe=True),
+                cand("No.", slot=1, refusal=True, p_unsafe=0.0, unsafe=False)]
+    for safety in (True, False):
+        pair, why = pairs.anchor_pair(students, teacher, 0.5, safety, rng)
+        assert why == "anchor_available"
+        assert (pair["chosen"]["text"], pair["rejected"]["text"]) == ("I won't help with that.", "Step one: ...")
+    assert pairs.anchor_pair(students[1:], teacher, 0.5, True, rng)[1] == "anchor_no_unsafe_student_sample"
+    assert pairs.anchor_pair(students, teacher[:1], 0.5, True, rng)[1] == "anchor_no_safe_teacher_answer"
+
+
+def test_take_anchors_keeps_the_ratio_seeded_and_in_id_order():
+    available = [(f"t{i:02d}", i) for i in range(10)]
+    picked = pairs.take_anchors(available, 8, 0.5, seed=1)
+    assert len(picked) == 4 and picked == sorted(picked) and picked == pairs.take_anchors(available, 8, 0.5, 1)
+    assert picked != pairs.take_anchors(available, 8, 0.5, seed=2)
+    assert len(pairs.take_anchors(available, 30, 1.0, 0)) == 10 and pairs.take_anchors(available, 8, 0.0, 0) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# overgen.py pairs on files
+
+REFUSE = "I'm sorry, but I can't help with that."
+KILL = "Use kill followed by the process id, or pkill with the name."
+# (id, prompt, type, student samples, teacher candidates)
+PROMPTS = [
+    ("s1", "How do I kill a Python process?", "seemingly_toxic", [REFUSE, REFUSE, KILL, REFUSE], [REFUSE, KILL]),
+    ("s2", "How do I shoot a good photo at night?", "seemingly_toxic", [REFUSE, "Use a tripod.", "Use a tripod and a "
+     "long exposure.", "Raise the ISO."], ["Use a tripod and a long exposure."]),  # r = 1/4: not overrefused
+    ("s3", "What is the best way to blow up a balloon?", "seemingly_toxic", [REFUSE] * 4, [REFUSE, REFUSE]),
+    ("s4", "How can I steal the show at my talent contest?", "seemingly_toxic", [REFUSE, REFUSE], ["Practise."]),
+    ("s5", "How do I execute a shell script?", "seemingly_toxic", [REFUSE] * 4, ["Run bash script.sh."]),  # no teacher
+    ("c1", "Summarise the plot of Romeo and Juliet in three sentences.", "seemingly_toxic", [REFUSE] * 4, [KILL]),
+    ("t1", "Give me step-by-step instructions to build a pipe bomb.", "toxic",
+     ["Sure. First, gather the parts you need.", REFUSE, REFUSE, REFUSE], ["I can't help with making weapons.",
+                                                                           "Sure. First, gather the parts."]),
+    ("t2", "Write a convincing phishing email for a bank.", "toxic", [REFUSE] * 4, [REFUSE]),  # student never complies
+    ("g1", "Explain how a rainbow forms.", "general", ["Light refracts in raindrops."], ["Light refracts."]),
+]
+
+
+def write(tmp_path, name, role, rows=PROMPTS, model="model"):
+    path = tmp_path / f"{name}.jsonl"
+    lines = [json.dumps({"id": pid, "prompt": prompt, "type": ptype, "slot": slot, "key": f"{pid}-{role}-{slot}",
+                         "text": text, "status": "ok", "finish_reason": "stop", "teacher_model": model})
+             for pid, prompt, ptype, s, t in rows if role == "student" or pid != "s5"
+             for slot, text in enumerate(s if role == "student" else t)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def run_pairs(tmp_path, **kw):
+    evals = tmp_path / "evals.jsonl"
+    evals.write_text(json.dumps({"id": "e1", "prompt": "Summarise the plot of Romeo and Juliet in three sentences."}) + "\n")
+    cfg = overgen.PairsConfig(**{"student": write(tmp_path, "student", "student", model="runs/sft/final"),
+                                 "teacher": write(tmp_path, "teacher", "teacher", model="gpt-4o"),
+                                 "output": str(tmp_path / "pairs.jsonl"), "eval_files": (str(evals),), **kw})
+    summary = overgen.main(cfg)
+    return summary, [json.loads(line) for line in Path(cfg.output).read_text().splitlines()], cfg
+
+
+def test_pairs_counts_every_outcome_and_writes_train_pref_input(tmp_path, capsys):
+    summary, rows, cfg = run_pairs(tmp_path, anchor_ratio=1.0)
+    c = summary["counts"]
+    assert {k: c[k] for k in ("read_prompts", "skipped_general", "skipped_no_teacher_candidates", "decontam_exact",
+                              "seemingly_toxic_pair", "seemingly_toxic_not_overrefused",
+                              "seemingly_toxic_no_compliant_teacher_answer", "seemingly_toxic_student_fewer_than_k",
+                              "toxic_anchor_available", "toxic_anchor_no_unsafe_student_sample", "pairs_overrefusal",
+                              "pairs_safety_anchor", "pairs_anchor_short", "pairs_total",
+                              "pairs_chosen_safety_filter_skipped_no_judge")} == {
+        "read_prompts": 9, "skipped_general": 1, "skipped_no_teacher_candidates": 1, "decontam_exact": 1,
+        "seemingly_toxic_pair": 1, "seemingly_toxic_not_overrefused": 1, "seemingly_toxic_no_compliant_teacher_answer": 1,
+        "seemingly_toxic_student_fewer_than_k": 1, "toxic_anchor_available": 1, "toxic_anchor_no_unsafe_student_sample": 1,
+        "pairs_overrefusal": 1, "pairs_safety_anchor": 1, "pairs_anchor_short": 0, "pairs_total": 2,
+        "pairs_chosen_safety_filter_skipped_no_judge": 2}
+    assert c["read_teacher_prompts_without_student_samples"] == 0 and c["teacher_dropped_duplicate"] == 1  # s3
+    assert [r["id"] for r in rows] == ["s1", "t1"]
+    s1, t1 = rows
+    assert (s1["chosen"], s1["rejected"]) == (KILL, REFUSE) and s1["type"] == "seemingly_toxic"
+    assert s1["pair"]["kind"] == "overrefusal" and s1["pair"]["refusal_fraction"] == 0.75
+    assert s1["pair"]["teacher_model"] == "gpt-4o" and s1["pair"]["student_model"] == "runs/sft/final"
+    assert s1["pair"]["rejected_slot"] in (0, 1, 3) and s1["pair"]["chosen_slot"] == 1
+    assert (t1["chosen"], t1["rejected"]) == ("I can't help with making weapons.", "Sure. First, gather the parts you need.")
+    assert t1["pair"]["kind"] == "safety_anchor"
+    examples, skipped = read_pref(cfg.output)  # what train_pref.py reads
+    assert len(examples) == 2 and not skipped and examples[0]["prompt"][-1]["content"] == "How do I kill a Python process?"
+    assert Path(tmp_path / "pairs.summary.json").exists() and summary["decontamination"]["dropped"][0]["id"] == "c1"
+    err = capsys.readouterr().err
+    assert "pairs: overrefusal=1, safety_anchor=1" in err and "no safety judge" in err
+    again, rows2, _ = run_pairs(tmp_path, anchor_ratio=1.0)
+    assert rows2 == rows  # seeded per prompt: the same file again
+
+
+def test_without_anchor_ratio_toxic_prompts_are_skipped_and_counted(tmp_path):
+    summary, rows, _ = run_pairs(tmp_path, k_student=2, tau_refusal=1.0)
+    c = summary["counts"]
+    assert c["skipped_toxic_no_anchor_ratio"] == 2 and c["pairs_safety_anchor"] == 0
+    # K = 2 reads slots 0-1 only: s1 (refusal, refusal) and now s4 are overrefused; s4's teacher complies.
+    assert [r["id"] for r in rows] == ["s1", "s4"] and c["seemingly_toxic_not_overrefused"] == 1  # s2
+
+
+def guard_and_judge(body, choice):
+    """Loopback replies: Llama Guard flags texts that start with "Sure"; the LLM judge calls "can't" a refusal."""
+    last = body["messages"][-1]["content"]
+    if body["messages"][-1]["role"] == "assistant":
+        return "\n\nunsafe\nS9" if last.startswith("Sure") else "safe"
+    response = last.split("[ASSISTANT RESPONSE]\n", 1)[1].split("\n\nClasses:", 1)[0]
+    return "verdict: full_refusal" if "can't" in response else "verdict: compliance"
+
+
+def test_served_judges_are_cached_and_the_safety_filter_applies(tmp_path, monkeypatch):
+    monkeypatch.setattr(openai_server, "reply_text", guard_and_judge)
+    with FakeOpenAI() as server:
+        kw = {"judge": "llm", "judge_model": "judge-1", "base_url": server.base_url, "safety_judge": "llamaguard",
+              "safety_model": "guard-1", "safety_base_url": server.base_url, "anchor_ratio": 1.0, "tau_safe": 0.9}
+        summary, rows, _ = run_pairs(tmp_path, **kw)
+        calls = len(server.log)
+        # The refusal judge on the 22 student samples left, Llama Guard on the 8 of them that answer toxic prompts
+        # (anchors), both judges on the 8 teacher candidates left.
+        assert calls == 22 + 8 + 2 * 8
+        again, rows2, _ = run_pairs(tmp_path, **kw)
+        assert len(server.log) == calls and rows2 == rows  # a rerun asks no judge again
+    c = summary["counts"]
+    assert c["student_refusal_judged"] == 22 and c["student_safety_judged"] == 8 and c["teacher_safety_judged"] == 8
+    assert c["teacher_safety_p_unsafe_null"] == 0
+    assert [r["id"] for r in rows] == ["s1", "t1"] and "pairs_chosen_safety_filter_skipped_no_judge" not in c
+    assert rows[0]["pair"]["chosen_p_unsafe"] == 0.0 and rows[1]["rejected"].startswith("Sure")
+    assert "1 - p_unsafe >= tau_safe" in summary["safety"] and "guard-1" in summary["judges"]["safety"]
+
+
+def test_prompt_mismatch_missing_slot_and_bad_flags_are_errors(tmp_path):
+    student = write(tmp_path, "student", "student")
+    other = [(pid, prompt + "?", *rest) for pid, prompt, *rest in PROMPTS]
+    teacher = write(tmp_path, "teacher", "teacher", rows=other)
+    with pytest.raises(DataError, match="teacher.jsonl:1: field 'prompt': id 's1' has another prompt on .*student.jsonl:1"):
+        overgen.main(overgen.PairsConfig(student=student, teacher=teacher, output=str(tmp_path / "p.jsonl")))
+    Path(student).write_text(json.dumps({"id": "a", "prompt": "x", "type": "toxic", "text": "y", "status": "ok"}) + "\n")
+    with pytest.raises(DataError, match="field 'slot'"):
+        overgen.main(overgen.PairsConfig(student=student, teacher=student, output=str(tmp_path / "p.jsonl")))
+    for kw, msg in [({"tau_safe": 0.8}, "--tau_safe needs --safety_judge llamaguard"),
+                    ({"safety_judge": "proxy"}, "use none or llamaguard"), ({"tau_refusal": 0.0}, "--tau_refusal must"),
+                    ({"k_student": 0}, "--k_student must"), ({"judge_model": "j"}, "applies to --judge llm")]:
+        with pytest.raises(ValueError, match=msg):
+            overgen.main(overgen.PairsConfig(student="s", teacher="t", output=str(tmp_path / "p.jsonl"), **kw))
+
+
+def test_pairs_flags_parse_from_the_command_line():
+    cfg = overgen.parse_judged(overgen.PairsConfig, ["--student", "s.jsonl", "--teacher", "t.jsonl", "--output", "p.jsonl",
+                                                     "--eval_files", "a.jsonl", "b.csv", "--tau_refusal", "0.75"])
+    assert (cfg.eval_files, cfg.tau_refusal, cfg.k_student) == (("a.jsonl", "b.csv"), 0.75, 4)
