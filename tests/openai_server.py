@@ -25,6 +25,16 @@ def reply_text(body, choice):
     return f"answer to {user!r} seed={body.get('seed')} choice={choice}"
 
 
+def judge_reply(body, choice):
+    """A reply_text for judge tests: as Llama Guard (a user/assistant pair) it flags answers that start with
+    "Sure"; as the LLM refusal judge it calls an answer with "can't" a full refusal."""
+    last = body["messages"][-1]["content"]
+    if body["messages"][-1]["role"] == "assistant":
+        return "\n\nunsafe\nS9" if last.startswith("Sure") else "safe"
+    response = last.split("[ASSISTANT RESPONSE]\n", 1)[1].split("\n\nClasses:", 1)[0]
+    return "The assistant declines.\nverdict: full_refusal" if "can't" in response else "verdict: compliance"
+
+
 class FakeOpenAI:
     def __init__(self, script=None, latency=0.0, ignore_n=False, api_key=None, echo_key=False):
         self.script, self.latency, self.ignore_n = script, latency, ignore_n

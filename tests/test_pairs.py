@@ -194,17 +194,8 @@ def test_without_anchor_ratio_toxic_prompts_are_skipped_and_counted(tmp_path):
     assert [r["id"] for r in rows] == ["s1", "s4"] and c["seemingly_toxic_not_overrefused"] == 1  # s2
 
 
-def guard_and_judge(body, choice):
-    """Loopback replies: Llama Guard flags texts that start with "Sure"; the LLM judge calls "can't" a refusal."""
-    last = body["messages"][-1]["content"]
-    if body["messages"][-1]["role"] == "assistant":
-        return "\n\nunsafe\nS9" if last.startswith("Sure") else "safe"
-    response = last.split("[ASSISTANT RESPONSE]\n", 1)[1].split("\n\nClasses:", 1)[0]
-    return "verdict: full_refusal" if "can't" in response else "verdict: compliance"
-
-
 def test_served_judges_are_cached_and_the_safety_filter_applies(tmp_path, monkeypatch):
-    monkeypatch.setattr(openai_server, "reply_text", guard_and_judge)
+    monkeypatch.setattr(openai_server, "reply_text", openai_server.judge_reply)
     with FakeOpenAI() as server:
         kw = {"judge": "llm", "judge_model": "judge-1", "base_url": server.base_url, "safety_judge": "llamaguard",
               "safety_model": "guard-1", "safety_base_url": server.base_url, "anchor_ratio": 1.0, "tau_safe": 0.9}

@@ -109,17 +109,8 @@ def test_random_is_seeded_and_reproducible(tmp_path):
     assert {json.loads(line)["response"] for o in outs for line in o.splitlines() if '"g1"' in line} == {RAIN, REFUSE}
 
 
-def fake_judge(body, choice):
-    """The loopback server's reply: an LLM-judge verdict, or a Llama Guard verdict for a (user, assistant) pair."""
-    last = body["messages"][-1]["content"]
-    if body["messages"][-1]["role"] == "assistant":
-        return "\n\nunsafe\nS9" if last.startswith("Sure") else "safe"
-    response = last.split("[ASSISTANT RESPONSE]\n", 1)[1].split("\n\nClasses:", 1)[0]
-    return "The assistant declines.\nverdict: full_refusal" if "can't" in response else "verdict: compliance"
-
-
 def test_llm_and_served_llamaguard_judges_are_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(openai_server, "reply_text", fake_judge)
+    monkeypatch.setattr(openai_server, "reply_text", openai_server.judge_reply)
     with FakeOpenAI() as server:
         kw = {"judge": "llm", "judge_model": "judge-1", "base_url": server.base_url, "safety_judge": "llamaguard",
               "safety_model": "guard-1", "safety_base_url": server.base_url}
