@@ -325,7 +325,8 @@ def dry_run(cfg: GenerateConfig, jobs: list) -> dict:
 def plan(cfg: GenerateConfig, out: Path) -> tuple[list, Counter]:
     """Jobs (prompt record, messages, [(slot, key)] still to do) after what earlier runs finished or failed."""
     prompts = read_prompts(cfg)
-    host = "local" if cfg.backend == "local" else endpoint_host(cfg.base_url)
+    # A local model folder enters the keys by its files: retrained in place, it gets new samples, not stale ones.
+    host = f"local:{fingerprint(cfg.teacher_model)}" if cfg.backend == "local" else endpoint_host(cfg.base_url)
     done, torn = load_cache(out)
     errors, torn_errors = load_cache(sibling(out, ".errors.jsonl"))
     finished = {r["key"] for r in done}
@@ -469,7 +470,7 @@ def resolve_select(cfg: SelectConfig) -> SelectConfig:
 
 
 def read_candidates(path) -> dict:
-    """{id: {"prompt": the prompt record, "messages", "line", "cands"}} in file order. Records hold the prompt's
+    """{id: {"prompt": the prompt record, "messages", "line", "cands"}}, candidates in slot order. Records hold the prompt's
     own messages only (generate never writes the teacher's system prompt into them): that is what SFT sees."""
     groups = {}
     for lineno, obj in read_jsonl(path):
@@ -482,6 +483,8 @@ def read_candidates(path) -> dict:
         if g["messages"] != messages:
             raise DataError(f"{path}:{lineno}: field 'prompt': id {obj['id']!r} has another prompt on line {g['line']}")
         g["cands"].append({**obj, "_messages": messages, "_prompt": messages[-1]["content"], "_type": obj.get("type")})
+    for g in groups.values():  # slot order: generate writes in finishing order, which no choice may depend on
+        g["cands"].sort(key=lambda c: c["slot"] if isinstance(c.get("slot"), int) else -1)
     return groups
 
 
@@ -777,10 +780,11 @@ def resolve_pairs(cfg: PairsConfig) -> PairsConfig:
 
 def pair_row(g: dict, pair: dict, kind: str, cfg: PairsConfig) -> dict:
     chosen, rejected = pair["chosen"], pair["rejected"]
-    why = {"kind": kind, "seed": cfg.seed, "chosen_slot": chosen.get("slot"), "rejected_slot": rejected.get("slot"),
+    why = {"kind": "overrefusal" if kind == "overrefusal" else "safety_anchor", "seed": cfg.seed, "chosen_slot": chosen.get("slot"), "rejected_slot": rejected.get("slot"),
            "teacher_model": chosen.get("teacher_model") or chosen.get("model"),
            "student_model": rejected.get("teacher_model") or rejected.get("model"),
-           "chosen_label": chosen["refusal"]["label"], "rejected_label": rejected["refusal"]["label"],
+           # An anchor is chosen by the safety judge: its refusal judgement may have failed (null).
+           "chosen_label": (chosen["refusal"] or {}).get("label"), "rejected_label": (rejected["refusal"] or {}).get("label"),
            "chosen_p_unsafe": chosen["_p_unsafe"], "rejected_p_unsafe": rejected["_p_unsafe"]}
     if kind == "overrefusal":
         why.update(refusal_fraction=pair["refusal_fraction"], k_student=cfg.k_student, tau_refusal=cfg.tau_refusal)
@@ -804,8 +808,10 @@ def pairs(cfg: PairsConfig) -> dict:
         if kind not in ("seemingly_toxic", "toxic", "general"):
             raise DataError(f"{cfg.student}:{g['line']}: field 'type' must be seemingly_toxic, toxic or general, got "
                             f"{kind!r}")
-        if bad := next((c for c in g["cands"] if not isinstance(c.get("slot"), int)), None):
-            raise DataError(f"{cfg.student}: id {pid!r}: field 'slot' missing or not an integer ({bad.get('slot')!r})")
+        slots = [c.get("slot") for c in g["cands"]]
+        if not all(isinstance(x, int) for x in slots) or len(set(slots)) < len(slots):
+            raise DataError(f"{cfg.student}:{g['line']}: field 'slot': id {pid!r} needs one integer slot per sample, got "
+                            f"{slots} (two generate runs with other settings written into one file?)")
         if t is not None and t["messages"] != g["messages"]:
             raise DataError(f"{cfg.teacher}:{t['line']}: field 'prompt': id {pid!r} has another prompt on "
                             f"{cfg.student}:{g['line']}")
@@ -827,7 +833,8 @@ def pairs(cfg: PairsConfig) -> dict:
     # The safety judge reads the student only where anchors need it: on toxic prompts.
     refusal_only = dataclasses.replace(cfg, safety_judge="none", safety_model=None, safety_base_url=None)
     for role, judge_cfg, cands in (
-            ("student", refusal_only, [c for _, k, g, _ in todo if k != "toxic" for c in g["cands"] if algorithm.usable(c)]),
+            ("student", refusal_only, [c for _, k, g, _ in todo if k != "toxic" for c in g["cands"]
+                                       if c["slot"] < cfg.k_student and algorithm.usable(c)]),
             ("student", cfg, [c for _, k, g, _ in todo if k == "toxic" for c in g["cands"] if algorithm.usable(c)]),
             ("teacher", cfg, [c for *_, t in todo for c in t["kept"]])):
         judged = Counter()
@@ -839,14 +846,17 @@ def pairs(cfg: PairsConfig) -> dict:
         if kind == "seemingly_toxic":
             pair, why = algorithm.overrefusal_pair(g["cands"], t["kept"], cfg.k_student, cfg.tau_refusal, cfg.tau_safe,
                                                    safety, rng)
-            rows += [(pid, pair_row(g, pair, "overrefusal", cfg))] if pair else []
         else:
             pair, why = algorithm.anchor_pair(g["cands"], t["kept"], cfg.tau_safe, safety, rng)
-            anchors += [(pid, pair_row(g, pair, "safety_anchor", cfg))] if pair else []
-        counts[f"{kind}_{why}"] += 1
+        if pair and pair["chosen"]["text"].strip() == pair["rejected"]["text"].strip():
+            pair, why = None, "chosen_equals_rejected"  # the judges disagreed with themselves: teaches nothing
+        stage = "overrefusal" if kind == "seemingly_toxic" else "anchor"
+        counts[f"{stage}_{why}"] += 1
+        if pair:
+            (rows if stage == "overrefusal" else anchors).append((pid, pair_row(g, pair, stage, cfg)))
     picked = algorithm.take_anchors(anchors, len(rows), cfg.anchor_ratio, cfg.seed)
     counts.update(pairs_overrefusal=len(rows), pairs_safety_anchor=len(picked),
-                  pairs_anchor_short=max(0, round(cfg.anchor_ratio * len(rows)) - len(picked)))
+                  pairs_anchor_short=algorithm.anchors_wanted(len(rows), cfg.anchor_ratio) - len(picked))
     if not safety:
         counts["pairs_chosen_safety_filter_skipped_no_judge"] = len(rows) + len(picked)
     rows = [r for _, r in sorted(rows + picked, key=lambda x: x[0])]

@@ -12,10 +12,12 @@ Safety anchors on toxic prompts keep the student refusing what it should: chosen
 (safety_score >= tau_safe; without a safety judge, a teacher refusal), rejected = an unsafe student sample
 (without a safety judge, one that complied: the proxy, counted as such).
 
-A candidate here is a dict from overgen.py's readers after its judges ran: "text", "slot", "status",
+A candidate here is a dict from overgen.py's readers after its judges ran (lists in slot order, so seeded
+choices do not depend on the order a file was written in): "text", "slot", "status",
 "finish_reason", and "_refusal" (bool, None when unjudged), "_p_unsafe" and "_unsafe" (None without a verdict).
 Each function returns (pair or None, outcome): the outcome names the first filter a prompt failed, for the counts.
 """
+import math
 import random
 
 
@@ -82,14 +84,19 @@ def anchor_pair(student: list[dict], teacher: list[dict], tau_safe: float, safet
         safe = [c for c in teacher if usable(c) and complete(c) and c["_refusal"] is True]
         unsafe = [c for c in student if usable(c) and complete(c) and c["_refusal"] is False]
     if not safe:
-        return None, "anchor_no_safe_teacher_answer"
+        return None, "no_safe_teacher_answer"
     if not unsafe:
-        return None, "anchor_no_unsafe_student_sample"
-    return {"chosen": rng.choice(safe), "rejected": rng.choice(unsafe)}, "anchor_available"
+        return None, "no_unsafe_student_sample"
+    return {"chosen": rng.choice(safe), "rejected": rng.choice(unsafe)}, "available"
+
+
+def anchors_wanted(n_pairs: int, anchor_ratio: float) -> int:
+    return math.floor(anchor_ratio * n_pairs + 0.5)  # halves round up (round() would go to the even number)
 
 
 def take_anchors(available: list, n_pairs: int, anchor_ratio: float, seed: int) -> list:
-    """round(anchor_ratio x overrefusal pairs) of the available anchors, a seeded choice (all when fewer)."""
-    want = round(anchor_ratio * n_pairs)
-    picked = random.Random(f"{seed}:anchors").sample(available, min(want, len(available)))
-    return sorted(picked, key=lambda a: a[0])  # (prompt id, pair): back in id order
+    """anchors_wanted of the available (prompt id, pair) anchors, a seeded choice (all when fewer), in id order.
+    Sorted first, so the choice depends on the ids alone, not on the order the files were written in."""
+    available = sorted(available, key=lambda a: a[0])
+    picked = random.Random(f"{seed}:anchors").sample(available, min(anchors_wanted(n_pairs, anchor_ratio), len(available)))
+    return sorted(picked, key=lambda a: a[0])

@@ -78,6 +78,9 @@ def test_the_refusal_fraction_needs_k_usable_judged_samples():
     assert pairs.overrefusal_pair(unjudged, TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_unjudged"
     # Slots from K on are not read: 4 refusals in slots 0-3 and 2 answers after them give r = 1.
     assert pairs.overrefusal_pair(s, TEACHER, 4, 1.0, 0.5, False, rng)[0]["refusal_fraction"] == 1.0
+    late = student(4) + [cand("late refusal", slot=4 + i, refusal=True) for i in range(4)]
+    assert all(pairs.overrefusal_pair(late, TEACHER, 4, 0.5, 0.5, False, random.Random(i))[0]["rejected"]["slot"] < 4
+               for i in range(20))  # a refusal after slot K is never the rejected text
     same = [cand("I can't help.", slot=i, refusal=True) for i in range(4)]  # identical refusals all count
     assert pairs.overrefusal_pair(same, TEACHER, 4, 1.0, 0.5, False, rng)[1] == "pair"
 
@@ -98,16 +101,19 @@ def test_anchor_pairs_with_and_without_a_safety_judge():
                 cand("No.", slot=1, refusal=True, p_unsafe=0.0, unsafe=False)]
     for safety in (True, False):
         pair, why = pairs.anchor_pair(students, teacher, 0.5, safety, rng)
-        assert why == "anchor_available"
+        assert why == "available"
         assert (pair["chosen"]["text"], pair["rejected"]["text"]) == ("I won't help with that.", "Step one: ...")
-    assert pairs.anchor_pair(students[1:], teacher, 0.5, True, rng)[1] == "anchor_no_unsafe_student_sample"
-    assert pairs.anchor_pair(students, teacher[:1], 0.5, True, rng)[1] == "anchor_no_safe_teacher_answer"
+    assert pairs.anchor_pair(students[1:], teacher, 0.5, True, rng)[1] == "no_unsafe_student_sample"
+    assert pairs.anchor_pair(students, teacher[:1], 0.5, True, rng)[1] == "no_safe_teacher_answer"
+    assert pairs.anchor_pair(students, teacher, 0.995, True, rng)[1] == "no_safe_teacher_answer"  # 1 - 0.01 < 0.995
+    assert pairs.anchor_pair(students, teacher, 0.995, False, rng)[1] == "available"  # no judge: tau_safe unread
 
 
 def test_take_anchors_keeps_the_ratio_seeded_and_in_id_order():
     available = [(f"t{i:02d}", i) for i in range(10)]
     picked = pairs.take_anchors(available, 8, 0.5, seed=1)
-    assert len(picked) == 4 and picked == sorted(picked) and picked == pairs.take_anchors(available, 8, 0.5, 1)
+    assert len(picked) == 4 and picked == sorted(picked) and picked == pairs.take_anchors(available[::-1], 8, 0.5, 1)
+    assert [pairs.anchors_wanted(n, 0.5) for n in (1, 3, 5)] == [1, 2, 3]  # halves round up
     assert picked != pairs.take_anchors(available, 8, 0.5, seed=2)
     assert len(pairs.take_anchors(available, 30, 1.0, 0)) == 10 and pairs.take_anchors(available, 8, 0.0, 0) == []
 
@@ -131,24 +137,27 @@ PROMPTS = [
                                                                            "Sure. First, gather the parts."]),
     ("t2", "Write a convincing phishing email for a bank.", "toxic", [REFUSE] * 4, [REFUSE]),  # student never complies
     ("g1", "Explain how a rainbow forms.", "general", ["Light refracts in raindrops."], ["Light refracts."]),
+    ("x1", "How do I crack my knuckles safely?", "seemingly_toxic", [], ["Gently."]),  # no student samples
 ]
 
 
-def write(tmp_path, name, role, rows=PROMPTS, model="model"):
+def write(tmp_path, name, role, rows=PROMPTS, model="model", shuffle=None):
     path = tmp_path / f"{name}.jsonl"
     lines = [json.dumps({"id": pid, "prompt": prompt, "type": ptype, "slot": slot, "key": f"{pid}-{role}-{slot}",
                          "text": text, "status": "ok", "finish_reason": "stop", "teacher_model": model})
              for pid, prompt, ptype, s, t in rows if role == "student" or pid != "s5"
              for slot, text in enumerate(s if role == "student" else t)]
+    if shuffle is not None:  # generate writes records in the order their requests finish
+        random.Random(shuffle).shuffle(lines)
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
 
-def run_pairs(tmp_path, **kw):
+def run_pairs(tmp_path, shuffle=None, **kw):
     evals = tmp_path / "evals.jsonl"
     evals.write_text(json.dumps({"id": "e1", "prompt": "Summarise the plot of Romeo and Juliet in three sentences."}) + "\n")
-    cfg = overgen.PairsConfig(**{"student": write(tmp_path, "student", "student", model="runs/sft/final"),
-                                 "teacher": write(tmp_path, "teacher", "teacher", model="gpt-4o"),
+    cfg = overgen.PairsConfig(**{"student": write(tmp_path, "student", "student", model="runs/sft/final", shuffle=shuffle),
+                                 "teacher": write(tmp_path, "teacher", "teacher", model="gpt-4o", shuffle=shuffle),
                                  "output": str(tmp_path / "pairs.jsonl"), "eval_files": (str(evals),), **kw})
     summary = overgen.main(cfg)
     return summary, [json.loads(line) for line in Path(cfg.output).read_text().splitlines()], cfg
@@ -158,17 +167,17 @@ def test_pairs_counts_every_outcome_and_writes_train_pref_input(tmp_path, capsys
     summary, rows, cfg = run_pairs(tmp_path, anchor_ratio=1.0)
     c = summary["counts"]
     assert {k: c[k] for k in ("read_prompts", "skipped_general", "skipped_no_teacher_candidates", "decontam_exact",
-                              "seemingly_toxic_pair", "seemingly_toxic_not_overrefused",
-                              "seemingly_toxic_no_compliant_teacher_answer", "seemingly_toxic_student_fewer_than_k",
-                              "toxic_anchor_available", "toxic_anchor_no_unsafe_student_sample", "pairs_overrefusal",
+                              "overrefusal_pair", "overrefusal_not_overrefused",
+                              "overrefusal_no_compliant_teacher_answer", "overrefusal_student_fewer_than_k",
+                              "anchor_available", "anchor_no_unsafe_student_sample", "pairs_overrefusal",
                               "pairs_safety_anchor", "pairs_anchor_short", "pairs_total",
                               "pairs_chosen_safety_filter_skipped_no_judge")} == {
         "read_prompts": 9, "skipped_general": 1, "skipped_no_teacher_candidates": 1, "decontam_exact": 1,
-        "seemingly_toxic_pair": 1, "seemingly_toxic_not_overrefused": 1, "seemingly_toxic_no_compliant_teacher_answer": 1,
-        "seemingly_toxic_student_fewer_than_k": 1, "toxic_anchor_available": 1, "toxic_anchor_no_unsafe_student_sample": 1,
+        "overrefusal_pair": 1, "overrefusal_not_overrefused": 1, "overrefusal_no_compliant_teacher_answer": 1,
+        "overrefusal_student_fewer_than_k": 1, "anchor_available": 1, "anchor_no_unsafe_student_sample": 1,
         "pairs_overrefusal": 1, "pairs_safety_anchor": 1, "pairs_anchor_short": 0, "pairs_total": 2,
         "pairs_chosen_safety_filter_skipped_no_judge": 2}
-    assert c["read_teacher_prompts_without_student_samples"] == 0 and c["teacher_dropped_duplicate"] == 1  # s3
+    assert c["read_teacher_prompts_without_student_samples"] == 1 and c["teacher_dropped_duplicate"] == 1  # x1; s3
     assert [r["id"] for r in rows] == ["s1", "t1"]
     s1, t1 = rows
     assert (s1["chosen"], s1["rejected"]) == (KILL, REFUSE) and s1["type"] == "seemingly_toxic"
@@ -181,9 +190,10 @@ def test_pairs_counts_every_outcome_and_writes_train_pref_input(tmp_path, capsys
     assert len(examples) == 2 and not skipped and examples[0]["prompt"][-1]["content"] == "How do I kill a Python process?"
     assert Path(tmp_path / "pairs.summary.json").exists() and summary["decontamination"]["dropped"][0]["id"] == "c1"
     err = capsys.readouterr().err
-    assert "pairs: overrefusal=1, safety_anchor=1" in err and "no safety judge" in err
-    again, rows2, _ = run_pairs(tmp_path, anchor_ratio=1.0)
-    assert rows2 == rows  # seeded per prompt: the same file again
+    assert "pairs: overrefusal=1, safety_anchor=1" in err and "overrefusal: pair=1, not_overrefused=1" in err
+    assert "no safety judge" in err
+    for shuffle in (None, 1, 2):  # seeded per prompt and read in slot order: the same file whatever the line order
+        assert run_pairs(tmp_path, shuffle=shuffle, anchor_ratio=1.0)[1] == rows
 
 
 def test_without_anchor_ratio_toxic_prompts_are_skipped_and_counted(tmp_path):
@@ -191,7 +201,7 @@ def test_without_anchor_ratio_toxic_prompts_are_skipped_and_counted(tmp_path):
     c = summary["counts"]
     assert c["skipped_toxic_no_anchor_ratio"] == 2 and c["pairs_safety_anchor"] == 0
     # K = 2 reads slots 0-1 only: s1 (refusal, refusal) and now s4 are overrefused; s4's teacher complies.
-    assert [r["id"] for r in rows] == ["s1", "s4"] and c["seemingly_toxic_not_overrefused"] == 1  # s2
+    assert [r["id"] for r in rows] == ["s1", "s4"] and c["overrefusal_not_overrefused"] == 1  # s2
 
 
 def test_served_judges_are_cached_and_the_safety_filter_applies(tmp_path, monkeypatch):
@@ -220,9 +230,11 @@ def test_prompt_mismatch_missing_slot_and_bad_flags_are_errors(tmp_path):
     teacher = write(tmp_path, "teacher", "teacher", rows=other)
     with pytest.raises(DataError, match="teacher.jsonl:1: field 'prompt': id 's1' has another prompt on .*student.jsonl:1"):
         overgen.main(overgen.PairsConfig(student=student, teacher=teacher, output=str(tmp_path / "p.jsonl")))
-    Path(student).write_text(json.dumps({"id": "a", "prompt": "x", "type": "toxic", "text": "y", "status": "ok"}) + "\n")
-    with pytest.raises(DataError, match="field 'slot'"):
-        overgen.main(overgen.PairsConfig(student=student, teacher=student, output=str(tmp_path / "p.jsonl")))
+    record = {"id": "a", "prompt": "x", "type": "toxic", "text": "y", "status": "ok"}
+    for slots in ([None], [0, 1, 0]):  # missing, or one slot twice (two runs with other settings in one file)
+        Path(student).write_text("".join(json.dumps({**record, "slot": x}) + "\n" for x in slots))
+        with pytest.raises(DataError, match="student.jsonl:1: field 'slot': id 'a' needs one integer slot per sample"):
+            overgen.main(overgen.PairsConfig(student=student, teacher=student, output=str(tmp_path / "p.jsonl")))
     for kw, msg in [({"tau_safe": 0.8}, "--tau_safe needs --safety_judge llamaguard"),
                     ({"safety_judge": "proxy"}, "use none or llamaguard"), ({"tau_refusal": 0.0}, "--tau_refusal must"),
                     ({"k_student": 0}, "--k_student must"), ({"judge_model": "j"}, "applies to --judge llm")]:
@@ -234,3 +246,19 @@ def test_pairs_flags_parse_from_the_command_line():
     cfg = overgen.parse_judged(overgen.PairsConfig, ["--student", "s.jsonl", "--teacher", "t.jsonl", "--output", "p.jsonl",
                                                      "--eval_files", "a.jsonl", "b.csv", "--tau_refusal", "0.75"])
     assert (cfg.eval_files, cfg.tau_refusal, cfg.k_student) == (("a.jsonl", "b.csv"), 0.75, 4)
+
+
+def test_an_anchor_whose_refusal_judgement_failed_is_still_written(tmp_path, monkeypatch):
+    """The safety judge picks anchors; a failed refusal-judge call on one of its texts leaves a null label."""
+    def fail_on_unsafe_sample(entry, server):
+        last = entry["body"]["messages"][-1]
+        if last["role"] == "user" and "gather the parts you need" in last["content"]:
+            return {"status": 400, "error": {"message": "bad request", "type": "invalid_request_error", "code": None}}
+    monkeypatch.setattr(openai_server, "reply_text", openai_server.judge_reply)
+    with FakeOpenAI(fail_on_unsafe_sample) as server:
+        summary, rows, _ = run_pairs(tmp_path, judge="llm", judge_model="judge-1", base_url=server.base_url,
+                                     safety_judge="llamaguard", safety_model="guard-1", safety_base_url=server.base_url,
+                                     anchor_ratio=1.0)
+    assert summary["counts"]["student_refusal_failed"] == 1 and summary["counts"]["student_label_judge_failed"] == 1
+    anchor = next(r for r in rows if r["id"] == "t1")
+    assert anchor["rejected"].startswith("Sure. First") and anchor["pair"]["rejected_label"] is None
