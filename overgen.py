@@ -499,7 +499,7 @@ def drop_reason(c: dict, seen: set, keep_truncated: bool) -> str | None:
     if c.get("finish_reason") == "length" and not keep_truncated:
         return "truncated"
     if c["text"].strip() in seen:
-        return "duplicate"  # the same text twice for one prompt: the first (file order) stays
+        return "duplicate"  # the same text twice for one prompt: the first (slot order) stays
     seen.add(c["text"].strip())
     return "degenerate" if is_degenerate(c["text"]) else None  # repetition loops, as evaluate counts them
 
