@@ -3,6 +3,8 @@ overgen.py pairs end to end on hand-made student and teacher files (keyword judg
 loopback server), its counts exact and its output readable by train_pref.py."""
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,13 @@ def test_an_anchor_whose_refusal_judgement_failed_is_still_written(tmp_path, mon
     assert summary["counts"]["student_refusal_failed"] == 1 and summary["counts"]["student_label_judge_failed"] == 1
     anchor = next(r for r in rows if r["id"] == "t1")
     assert anchor["rejected"].startswith("Sure. First") and anchor["pair"]["rejected_label"] is None
+
+
+def test_the_command_line_writes_the_same_pairs(tmp_path):
+    _, rows, cfg = run_pairs(tmp_path, anchor_ratio=1.0)
+    out = tmp_path / "cli.jsonl"
+    p = subprocess.run([sys.executable, "overgen.py", "pairs", "--student", cfg.student, "--teacher", cfg.teacher,
+                        "--output", str(out), "--anchor_ratio", "1.0", "--eval_files", *cfg.eval_files],
+                       cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows and "pairs -> " in p.stderr
