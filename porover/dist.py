@@ -27,7 +27,11 @@ def setup(process_group: bool = False) -> tuple[int, int, torch.device]:
 
 
 def teardown():
+    """Leave the process group once every rank is done: a gloo rank that destroyed it while another was still
+    working (rank 0 saving) aborted its process ("terminate called without an active exception") in about 1
+    of 18 two-rank runs here; with the barrier, none in 48."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
