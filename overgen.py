@@ -470,8 +470,8 @@ def resolve_select(cfg: SelectConfig) -> SelectConfig:
 
 
 def read_candidates(path) -> dict:
-    """{id: {"prompt": the prompt record, "messages", "line", "cands"}}, candidates in slot order. Records hold the prompt's
-    own messages only (generate never writes the teacher's system prompt into them): that is what SFT sees."""
+    """{id: {"prompt": the prompt record, "messages", "line", "cands"}}, candidates in slot order. Records hold the
+    prompt's own messages only (generate never writes the teacher's system prompt into them): that is what SFT sees."""
     groups = {}
     for lineno, obj in read_jsonl(path):
         for f in ("id", "text", "status"):
@@ -747,9 +747,9 @@ def report(title: str, counts: Counter, extra: str):
 
 @dataclass
 class PairsConfig(JudgeConfig):
-    """Preference pairs (SPEC §1 step 3): the student's own refusals of seemingly toxic prompts against the teacher's
-    compliant answers, plus optional safety anchors on toxic prompts; the rule is in porover/pairs.py. Both inputs are
-    generate's output on the same prompts, each typed seemingly_toxic or toxic (general prompts are skipped):
+    """Preference pairs (SPEC §1 step 3): the student's own refusals of seemingly toxic prompts against the
+    teacher's compliant answers, plus optional safety anchors on toxic prompts; the rule is in porover/pairs.py.
+    Both inputs are generate's output on the same prompts, typed seemingly_toxic or toxic (general is skipped):
         student: generate --backend local --teacher_model runs/sft/final --n 4 --temperature 1.0
         teacher: generate --teacher_model gpt-4o --n 4
     Out: preference JSONL for train_pref.py, in id order, each pair with why it was built under "pair"."""
@@ -779,12 +779,14 @@ def resolve_pairs(cfg: PairsConfig) -> PairsConfig:
 
 
 def pair_row(g: dict, pair: dict, kind: str, cfg: PairsConfig) -> dict:
+    """The prompt record, chosen and rejected, and under "pair" why: kind (overrefusal or anchor), slots, judges."""
     chosen, rejected = pair["chosen"], pair["rejected"]
-    why = {"kind": "overrefusal" if kind == "overrefusal" else "safety_anchor", "seed": cfg.seed, "chosen_slot": chosen.get("slot"), "rejected_slot": rejected.get("slot"),
+    why = {"kind": kind, "seed": cfg.seed, "chosen_slot": chosen.get("slot"), "rejected_slot": rejected.get("slot"),
            "teacher_model": chosen.get("teacher_model") or chosen.get("model"),
            "student_model": rejected.get("teacher_model") or rejected.get("model"),
            # An anchor is chosen by the safety judge: its refusal judgement may have failed (null).
-           "chosen_label": (chosen["refusal"] or {}).get("label"), "rejected_label": (rejected["refusal"] or {}).get("label"),
+           "chosen_label": (chosen["refusal"] or {}).get("label"),
+           "rejected_label": (rejected["refusal"] or {}).get("label"),
            "chosen_p_unsafe": chosen["_p_unsafe"], "rejected_p_unsafe": rejected["_p_unsafe"]}
     if kind == "overrefusal":
         why.update(refusal_fraction=pair["refusal_fraction"], k_student=cfg.k_student, tau_refusal=cfg.tau_refusal)
@@ -797,7 +799,8 @@ def pairs(cfg: PairsConfig) -> dict:
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     student, teacher = read_candidates(cfg.student), read_candidates(cfg.teacher)
-    counts = Counter({"read_prompts": len(student), "read_student_samples": sum(len(g["cands"]) for g in student.values()),
+    counts = Counter({"read_prompts": len(student),
+                      "read_student_samples": sum(len(g["cands"]) for g in student.values()),
                       "read_teacher_candidates": sum(len(g["cands"]) for g in teacher.values()),
                       "read_teacher_prompts_without_student_samples": len(teacher.keys() - student.keys())}
                      | {f"decontam_{k}": 0 for k in ("exact", "normalised", "near")})
@@ -810,8 +813,8 @@ def pairs(cfg: PairsConfig) -> dict:
                             f"{kind!r}")
         slots = [c.get("slot") for c in g["cands"]]
         if not all(isinstance(x, int) for x in slots) or len(set(slots)) < len(slots):
-            raise DataError(f"{cfg.student}:{g['line']}: field 'slot': id {pid!r} needs one integer slot per sample, got "
-                            f"{slots} (two generate runs with other settings written into one file?)")
+            raise DataError(f"{cfg.student}:{g['line']}: field 'slot': id {pid!r} needs one integer slot per sample, "
+                            f"got {slots} (two generate runs with other settings written into one file?)")
         if t is not None and t["messages"] != g["messages"]:
             raise DataError(f"{cfg.teacher}:{t['line']}: field 'prompt': id {pid!r} has another prompt on "
                             f"{cfg.student}:{g['line']}")
@@ -855,7 +858,7 @@ def pairs(cfg: PairsConfig) -> dict:
         if pair:
             (rows if stage == "overrefusal" else anchors).append((pid, pair_row(g, pair, stage, cfg)))
     picked = algorithm.take_anchors(anchors, len(rows), cfg.anchor_ratio, cfg.seed)
-    counts.update(pairs_overrefusal=len(rows), pairs_safety_anchor=len(picked),
+    counts.update(pairs_overrefusal=len(rows), pairs_anchor=len(picked),
                   pairs_anchor_short=algorithm.anchors_wanted(len(rows), cfg.anchor_ratio) - len(picked))
     if not safety:
         counts["pairs_chosen_safety_filter_skipped_no_judge"] = len(rows) + len(picked)
@@ -874,7 +877,8 @@ def pairs(cfg: PairsConfig) -> dict:
                              **{f"eval_file_{i}": p for i, p in enumerate(cfg.eval_files)}},
                             world_size=1, seed=cfg.seed, device=judge_device(cfg))}
     write_json(sibling(out, ".summary.json"), summary)
-    report(f"pairs -> {out}", counts, f"judges: {judge_ids}; refusal = {summary['refusal']}\n  safety: {summary['safety']}")
+    report(f"pairs -> {out}", counts,
+           f"judges: {judge_ids}; refusal = {summary['refusal']}\n  safety: {summary['safety']}")
     return summary
 
 

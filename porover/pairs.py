@@ -98,5 +98,6 @@ def take_anchors(available: list, n_pairs: int, anchor_ratio: float, seed: int) 
     """anchors_wanted of the available (prompt id, pair) anchors, a seeded choice (all when fewer), in id order.
     Sorted first, so the choice depends on the ids alone, not on the order the files were written in."""
     available = sorted(available, key=lambda a: a[0])
-    picked = random.Random(f"{seed}:anchors").sample(available, min(anchors_wanted(n_pairs, anchor_ratio), len(available)))
+    want = min(anchors_wanted(n_pairs, anchor_ratio), len(available))
+    picked = random.Random(f"{seed}:anchors").sample(available, want)
     return sorted(picked, key=lambda a: a[0])

@@ -172,12 +172,12 @@ def test_pairs_counts_every_outcome_and_writes_train_pref_input(tmp_path, capsys
                               "overrefusal_pair", "overrefusal_not_overrefused",
                               "overrefusal_no_compliant_teacher_answer", "overrefusal_student_fewer_than_k",
                               "anchor_available", "anchor_no_unsafe_student_sample", "pairs_overrefusal",
-                              "pairs_safety_anchor", "pairs_anchor_short", "pairs_total",
+                              "pairs_anchor", "pairs_anchor_short", "pairs_total",
                               "pairs_chosen_safety_filter_skipped_no_judge")} == {
         "read_prompts": 9, "skipped_general": 1, "skipped_no_teacher_candidates": 1, "decontam_exact": 1,
         "overrefusal_pair": 1, "overrefusal_not_overrefused": 1, "overrefusal_no_compliant_teacher_answer": 1,
         "overrefusal_student_fewer_than_k": 1, "anchor_available": 1, "anchor_no_unsafe_student_sample": 1,
-        "pairs_overrefusal": 1, "pairs_safety_anchor": 1, "pairs_anchor_short": 0, "pairs_total": 2,
+        "pairs_overrefusal": 1, "pairs_anchor": 1, "pairs_anchor_short": 0, "pairs_total": 2,
         "pairs_chosen_safety_filter_skipped_no_judge": 2}
     assert c["read_teacher_prompts_without_student_samples"] == 1 and c["teacher_dropped_duplicate"] == 1  # x1; s3
     assert [r["id"] for r in rows] == ["s1", "t1"]
@@ -187,12 +187,12 @@ def test_pairs_counts_every_outcome_and_writes_train_pref_input(tmp_path, capsys
     assert s1["pair"]["teacher_model"] == "gpt-4o" and s1["pair"]["student_model"] == "runs/sft/final"
     assert s1["pair"]["rejected_slot"] in (0, 1, 3) and s1["pair"]["chosen_slot"] == 1
     assert (t1["chosen"], t1["rejected"]) == ("I can't help with making weapons.", "Sure. First, gather the parts you need.")
-    assert t1["pair"]["kind"] == "safety_anchor"
+    assert t1["pair"]["kind"] == "anchor"
     examples, skipped = read_pref(cfg.output)  # what train_pref.py reads
     assert len(examples) == 2 and not skipped and examples[0]["prompt"][-1]["content"] == "How do I kill a Python process?"
     assert Path(tmp_path / "pairs.summary.json").exists() and summary["decontamination"]["dropped"][0]["id"] == "c1"
     err = capsys.readouterr().err
-    assert "pairs: overrefusal=1, safety_anchor=1" in err and "overrefusal: pair=1, not_overrefused=1" in err
+    assert "pairs: overrefusal=1, anchor=1" in err and "overrefusal: pair=1, not_overrefused=1" in err
     assert "no safety judge" in err
     for shuffle in (None, 1, 2):  # seeded per prompt and read in slot order: the same file whatever the line order
         assert run_pairs(tmp_path, shuffle=shuffle, anchor_ratio=1.0)[1] == rows
@@ -201,7 +201,7 @@ def test_pairs_counts_every_outcome_and_writes_train_pref_input(tmp_path, capsys
 def test_without_anchor_ratio_toxic_prompts_are_skipped_and_counted(tmp_path):
     summary, rows, _ = run_pairs(tmp_path, k_student=2, tau_refusal=1.0)
     c = summary["counts"]
-    assert c["skipped_toxic_no_anchor_ratio"] == 2 and c["pairs_safety_anchor"] == 0
+    assert c["skipped_toxic_no_anchor_ratio"] == 2 and c["pairs_anchor"] == 0
     # K = 2 reads slots 0-1 only: s1 (refusal, refusal) and now s4 are overrefused; s4's teacher complies.
     assert [r["id"] for r in rows] == ["s1", "s4"] and c["overrefusal_not_overrefused"] == 1  # s2
 
