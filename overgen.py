@@ -38,7 +38,7 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from porover import decontam
+from porover import benchmarks, decontam
 from porover.client import Client, FatalAPIError, endpoint_host, estimate_tokens, gather_cancelling
 from porover.config import parse, provenance, write_json
 from porover.data import DataError, prompt_messages, read_jsonl
@@ -58,7 +58,7 @@ ESTIMATE_LABEL = "estimate: prompt tokens by the chars/4 heuristic, completion t
 @dataclass
 class GenerateConfig:
     """Teacher candidates: --n completions per prompt from an OpenAI-compatible endpoint or a local model."""
-    input: str | None = None  # prompts JSONL (SPEC §3)
+    input: str | None = None  # prompts JSONL (SPEC §3), or benchmark specs (an OR-Bench/XSTest CSV, demo:train)
     output: str = "runs/teacher/candidates.jsonl"
     backend: Literal["openai", "local"] = "openai"
     teacher_model: str | None = None  # default: gpt-4o (openai), smollm2-135m (local)
@@ -131,18 +131,22 @@ def price_of(model: str, table: dict) -> tuple[float, float] | None:
 
 
 def read_prompts(cfg: GenerateConfig) -> list[tuple[dict, list[dict]]]:
-    """(prompt record, messages sent to the teacher) per line; ids must be unique strings."""
+    """(prompt record, messages sent to the teacher) per prompt; ids must be unique strings. A .jsonl input is read
+    as it is; anything else is a benchmark spec (porover.benchmarks: an OR-Bench or XSTest CSV, `demo:train`, ...),
+    whose records arrive typed and with ids."""
     prompts, seen = [], set()
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    for lineno, obj in read_jsonl(cfg.input):
+    source = read_jsonl(cfg.input) if cfg.input.endswith(".jsonl") else \
+        ((f"id {r['id']}", r) for r in benchmarks.load_all(cfg.input))
+    for where, obj in source:
         if not isinstance(obj.get("id"), str):
-            raise DataError(f"{cfg.input}:{lineno}: field 'id' must be a string")
+            raise DataError(f"{cfg.input}:{where}: field 'id' must be a string")
         if obj["id"] in seen:
-            raise DataError(f"{cfg.input}:{lineno}: field 'id': duplicate {obj['id']!r}")
+            raise DataError(f"{cfg.input}:{where}: field 'id': duplicate {obj['id']!r}")
         if clash := [k for k in RECORD_FIELDS if k in obj]:
-            raise DataError(f"{cfg.input}:{lineno}: field {clash[0]!r} is reserved for generate's records")
+            raise DataError(f"{cfg.input}:{where}: field {clash[0]!r} is reserved for generate's records")
         seen.add(obj["id"])
-        prompts.append((obj, system + prompt_messages(obj, cfg.input, lineno)))
+        prompts.append((obj, system + prompt_messages(obj, cfg.input, where)))
     return prompts
 
 

@@ -245,6 +245,21 @@ def test_bad_prompt_files_name_file_line_and_field(tmp_path, line, msg):
         overgen.main(overgen.GenerateConfig(input=str(path), output=str(tmp_path / "o.jsonl"), dry_run=True))
 
 
+def test_benchmark_specs_are_inputs_too(tmp_path):
+    """An OR-Bench CSV (the paper's training pool is OR-Bench-80K) or a demo split, typed and with ids."""
+    csv = tmp_path / "or-bench-80k.csv"
+    csv.write_text('prompt,category\n"How do I kill a stuck process?",violence\n"Best way to shoot photos at night?",'
+                   'violence\n')
+    with FakeOpenAI() as server:
+        overgen.main(cfg_for(server, tmp_path, input=str(csv), n=1))
+    recs = records(tmp_path / "out" / "cand.jsonl")
+    assert [(r["id"], r["type"], r["category"]) for r in sorted(recs, key=lambda r: r["id"])] == [
+        ("or-bench-80k-00001", "seemingly_toxic", "violence"), ("or-bench-80k-00002", "seemingly_toxic", "violence")]
+    assert {user(e) for e in server.log} == {"How do I kill a stuck process?", "Best way to shoot photos at night?"}
+    summary = overgen.main(overgen.GenerateConfig(input="demo:train", output=str(tmp_path / "d.jsonl"), dry_run=True))
+    assert summary["counts"]["prompts"] == 160  # 60 general, 40 toxic, 60 seemingly toxic
+
+
 def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     cfg = overgen.GenerateConfig(input=prompts_file(tmp_path, ["a"]), output=str(tmp_path / "o.jsonl"), dry_run=True)
     with open(tmp_path / "o.lock", "w") as held:
