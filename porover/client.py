@@ -143,6 +143,9 @@ class Client:
         self._key = os.environ.get(api_key_env) or None
         if self._key is None and base_url is None:
             raise FatalAPIError(f"no API key: set the environment variable {api_key_env} (keys are never flags)")
+        if self._key and (self._key != self._key.strip() or any(ch.isspace() for ch in self._key)):
+            # a key read from a file keeps its newline; the SDK then fails every request as a dropped connection
+            raise FatalAPIError(f"the API key in {api_key_env} contains whitespace (a trailing newline?)")
         self.base_url, self.host = base_url, endpoint_host(base_url)
         self.concurrency, self.rpm, self.tpm, self.timeout = concurrency, rpm, tpm, timeout
         self.max_attempts, self.backoff, self.backoff_max = max_attempts, backoff, backoff_max
@@ -187,7 +190,8 @@ class Client:
         """A 400 naming a parameter the model refuses: map it and return True (send again), or refuse clearly.
 
         max_tokens <-> max_completion_tokens is a rename; `n` falls back to one choice per request (callers
-        verify the count and fan out); `seed` is dropped (it is best-effort anyway, and the record says so).
+        verify the count and fan out); `seed` is dropped (it is best-effort anyway, and the record says so), and so
+        are temperature and top_p at 1, the API's defaults (reasoning models refuse both, whatever the value).
         Anything else (temperature, top_p, logprobs) would change what is sampled: a FatalAPIError.
         """
         param = getattr(e, "param", None)
@@ -197,10 +201,10 @@ class Client:
         model = p["model"]
         if param in TOKEN_PARAMS:
             self.token_param[model] = TOKEN_PARAMS[1 - TOKEN_PARAMS.index(param)]
-        elif param in ("n", "seed"):
+        elif param in ("n", "seed") or param in ("temperature", "top_p") and p[param] == 1:
             self.refused.add((model, param))
             print(f"{self.host} refuses `{param}` for {model}: "
-                  + ("one completion per request from now on" if param == "n" else "sending no seed from now on"),
+                  + ("one completion per request from now on" if param == "n" else f"sending no {param} from now on"),
                   file=sys.stderr)
         else:
             raise FatalAPIError(f"{self.host} refuses {param}={p[param]!r} for {model} ({self.redact(e.message)}); "
@@ -238,6 +242,8 @@ class Client:
                     await self._admit(est)
                     self.stats["requests"] += 1
                     resp = await self._sdk.chat.completions.create(**p)
+                choices = [self._choice(c) for c in sorted(resp.choices, key=lambda c: c.index)]
+                usage = resp.usage.model_dump(exclude_none=True) if resp.usage else None
             except openai.APIError as e:
                 kind = classify(e)
                 status = getattr(e, "status_code", None)
@@ -246,20 +252,25 @@ class Client:
                     continue  # send again with the parameter mapped
                 if kind == "fatal":
                     raise FatalAPIError(f"{self.host}: {text}") from None
-                if kind == "permanent" or attempt >= self.max_attempts:
-                    return Result("failed", seed=p.get("seed"), error=text, error_class=kind, attempts=attempt,
-                                  latency=time.monotonic() - t0)
-                self.stats[f"retry_{status or type(e).__name__}"] += 1
-                wait = self._delay(attempt, retry_after(e.response.headers) if status else None)
-                if status == 429:
-                    self._paused_until = max(self._paused_until, time.monotonic() + wait)
-                await asyncio.sleep(wait)
-                continue
-            if self._tpm and resp.usage:  # settle the estimate against what the server counted
-                self._tpm.level += est - resp.usage.total_tokens
-            return Result("ok", [self._choice(c) for c in sorted(resp.choices, key=lambda c: c.index)],
-                          resp.usage.model_dump(exclude_none=True) if resp.usage else None, resp.model,
-                          p.get("seed"), attempts=attempt, latency=time.monotonic() - t0)
+                server_wait, label = retry_after(e.response.headers) if status else None, status or type(e).__name__
+            except (ValueError, TypeError, AttributeError, KeyError) as e:
+                # A 200 that is no chat completion (a proxy's HTML page, JSON cut short, an error object):
+                # the server's fault, usually passing, so retried like a dropped connection.
+                kind, status, server_wait, label = "transient", None, None, "malformed_response"
+                text = self.redact(f"malformed response ({type(e).__name__}: {e})"[:300])
+            else:
+                if self._tpm and usage:  # settle the estimate against what the server counted
+                    self._tpm.level += est - usage.get("total_tokens", est)
+                return Result("ok", choices, usage, resp.model, p.get("seed"), attempts=attempt,
+                              latency=time.monotonic() - t0)
+            if kind == "permanent" or attempt >= self.max_attempts:
+                return Result("failed", seed=p.get("seed"), error=text, error_class=kind, attempts=attempt,
+                              latency=time.monotonic() - t0)
+            self.stats[f"retry_{label}"] += 1
+            wait = self._delay(attempt, server_wait)
+            if status == 429:
+                self._paused_until = max(self._paused_until, time.monotonic() + wait)
+            await asyncio.sleep(wait)
 
     def _choice(self, c) -> dict:
         lp = None

@@ -11,6 +11,7 @@ server's own record of what arrived and when. The benchmark runs it as a separat
     {"finish_reason": "content_filter"}                  answer with this finish reason and empty text
     {"refusal": "..."}                                   answer with the API's refusal field set
     {"choices": k}                                       answer with only k choices (a server ignoring n)
+    {"raw": "...", "content_type": "text/html"}          a 200 with this body (a proxy's page, cut JSON)
 """
 import argparse
 import json
@@ -92,6 +93,8 @@ class FakeOpenAI:
         if action.get("drop"):
             h.close_connection = True
             return
+        if "raw" in action:
+            return self.send(h, 200, action["raw"], content_type=action.get("content_type", "application/json"))
         time.sleep(action.get("sleep", self.latency))
         body = entry["body"]
         if "max_tokens" in body and "max_completion_tokens" in body:
@@ -120,10 +123,10 @@ class FakeOpenAI:
                                      "total_tokens": prompt_tokens + completion_tokens}})
 
     @staticmethod
-    def send(h, status, obj, headers=None):
-        data = json.dumps(obj).encode()
+    def send(h, status, obj, headers=None, content_type="application/json"):
+        data = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
         h.send_response(status)
-        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             h.send_header(k, str(v))

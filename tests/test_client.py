@@ -66,6 +66,20 @@ def test_timeouts_and_dropped_connections_are_retried(action):
     assert time.monotonic() - t0 < 1.8  # the timeout, not the server's 2 s, decided
 
 
+@pytest.mark.parametrize("action", [{"raw": "<html>502 Bad Gateway</html>", "content_type": "text/html"},
+                                    {"raw": '{"id": "chatcmpl-1", "choices": [{"ind'},
+                                    {"raw": '{"error": {"message": "overloaded"}}'}], ids=["html", "cut", "error"])
+def test_a_200_that_is_no_completion_is_retried(action):
+    """A proxy's page, JSON cut short or an error object with status 200 is the server's passing fault: retried,
+    never a crash that takes the other requests down."""
+    with FakeOpenAI(first(action)) as server:
+        res = client(server).chat_sync(MSGS, model="m")
+    assert res.status == "ok" and res.attempts == 2 and len(server.log) == 2
+    with FakeOpenAI(always(action)) as server:
+        res = client(server, max_attempts=2).chat_sync(MSGS, model="m")
+    assert res.status == "failed" and res.error_class == "transient" and res.error.startswith("malformed response")
+
+
 @pytest.mark.parametrize("action", [{"status": 401}, {"status": 403}, {"status": 404},
                                     {"status": 429, "error": {"message": "You exceeded your current quota",
                                                               "type": "insufficient_quota",
@@ -138,6 +152,11 @@ def test_refused_n_and_seed_are_mapped_and_refused_temperature_is_fatal():
         with pytest.raises(FatalAPIError, match="temperature=0.7"):
             client(server).chat_sync(MSGS, model="m", temperature=0.7)
     assert len(server.log) == 1
+    # A reasoning model refuses temperature and top_p outright: at 1, the API's default, they are simply dropped.
+    script = lambda e, s: unsupported("temperature")(e, s) or unsupported("top_p")(e, s)
+    with FakeOpenAI(script) as server:
+        res = client(server).chat_sync(MSGS, model="o4-mini", temperature=1.0, top_p=1.0)
+    assert res.status == "ok" and {"temperature", "top_p"}.isdisjoint(server.log[-1]["body"]) and len(server.log) == 3
 
 
 def test_logprobs_of_the_first_tokens():
