@@ -8,7 +8,8 @@
 `generate` writes one record per (prompt, sample slot) to --output as soon as its request finishes, keyed
 by a hash of everything that decides the completion (never the API key). A rerun skips finished keys, so a
 killed run resumes without paying twice, and raising --n from 4 to 8 reuses slots 0-3. Failures go to
-<output stem>.errors.jsonl with their class; counts, tokens, cost and provenance to <output stem>.summary.json.
+<output stem>.errors.jsonl with their class; counts, this run's tokens and cost, the tokens and cost of every run on
+this output (*_all_runs) and provenance to <output stem>.summary.json.
 
 `select` keeps one candidate per prompt as SFT data, after decontamination and per-candidate filters, at
 random or by judges; every drop is counted in <output stem>.summary.json, and judge answers are cached in
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -95,6 +97,10 @@ def resolve(cfg: GenerateConfig) -> GenerateConfig:
     for k in ("n", "max_tokens", "concurrency", "max_attempts", "batch_size"):
         if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
             errors.append(f"--{k} must be at least 1")
+    for k in ("rpm", "tpm", "timeout", "backoff", "backoff_max"):
+        if getattr(cfg, k) is not None and not getattr(cfg, k) > 0:
+            errors.append(f"--{k} must be positive (leave it out for no limit)" if k in ("rpm", "tpm") else
+                          f"--{k} must be positive")
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))
     model = cfg.teacher_model or ("gpt-4o" if cfg.backend == "openai" else "smollm2-135m")
@@ -331,6 +337,9 @@ def plan(cfg: GenerateConfig, out: Path) -> tuple[list, Counter]:
     prompts = read_prompts(cfg)
     # A local model folder enters the keys by its files: retrained in place, it gets new samples, not stale ones.
     host = f"local:{fingerprint(cfg.teacher_model)}" if cfg.backend == "local" else endpoint_host(cfg.base_url)
+    if cfg.chat_template:  # another template is other tokens in front of the model
+        host += "|template:" + (cfg.chat_template if cfg.chat_template == "chatml" else
+                                hashlib.sha256(Path(cfg.chat_template).read_bytes()).hexdigest()[:16])
     done, torn = load_cache(out)
     errors, torn_errors = load_cache(sibling(out, ".errors.jsonl"))
     finished = {r["key"] for r in done}
@@ -370,6 +379,7 @@ def generate(cfg: GenerateConfig) -> dict:
               f"finished before, {counts['todo']} to do, {counts['torn_lines_truncated']} torn line(s) truncated",
               file=sys.stderr)
         summary, sink = {"config": dataclasses.asdict(cfg), "fatal": None}, None
+        summary_path = sibling(out, ".summary.json")
         try:
             if cfg.dry_run:
                 summary["dry_run"] = dry_run(cfg, jobs)
@@ -384,15 +394,21 @@ def generate(cfg: GenerateConfig) -> dict:
             summary["fatal"] = str(e)
             raise
         finally:  # also after a fatal error or Ctrl-C: what was done is accounted for
+            # tokens and cost_usd are this run's; the *_all_runs totals carry over every run into this output.
+            before = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+            tokens_all, cost_all = Counter(before.get("tokens_all_runs", {})), before.get("cost_usd_all_runs", 0.0)
             if sink is not None:
                 sink.close()
                 counts.update(sink.counts)
+                tokens_all.update(sink.tokens)
+                cost_all += sink.cost
                 summary.update(tokens=dict(sink.tokens), cost_usd=round(sink.cost, 6),
                                price_table=cfg.price_table or "built-in list prices (overgen.PRICES)")
+            summary.update(tokens_all_runs=dict(tokens_all), cost_usd_all_runs=round(cost_all, 6))
             summary["counts"] = dict(counts)
             summary.update(provenance({"input": cfg.input, "price_table": cfg.price_table}, world_size=1,
                                       device=cfg.backend, seed="per key (overgen.seed_of)"))
-            write_json(sibling(out, ".summary.json"), summary)
+            write_json(summary_path, summary)
     return summary
 
 
@@ -560,20 +576,30 @@ def remote(cfg: SelectConfig, base_url: str | None, request, parse):
     return score
 
 
+@functools.cache
+def load_local(path: str, reward: bool, version: str):
+    """(tokenizer, model, device), loaded once per process and folder `version` (fingerprint): pairs judges the
+    student's and the teacher's texts with the same Llama Guard."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from porover import models
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = (AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype) if reward else
+             models.load_model(path, dtype=dtype)).to(device).eval()
+    return models.load_tokenizer(path), model, device
+
+
 def local(path: str, reward: bool):
     """A scorer with a local transformers model: Llama Guard (judges.llamaguard_score), or a reward model whose
     score is the last logit of its sequence-classification head on its own chat template (one sequence at a time:
     no padding to get wrong)."""
     def score(todo, put):
         import torch
-        from transformers import AutoModelForSequenceClassification
 
-        from porover import judges, models
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tok = models.load_tokenizer(path)
-        model = (AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype) if reward else
-                 models.load_model(path, dtype=dtype)).to(device).eval()
+        from porover import judges
+        tok, model, device = load_local(path, reward, fingerprint(path))
         for c in todo:
             if not reward:
                 put(c, judges.llamaguard_score(model, tok, c["_prompt"], c["text"]))

@@ -1,5 +1,6 @@
 """overgen.py generate against a real loopback server: n handling, faults per item, fatal exits, SIGKILL and
 resume, key hygiene, dry runs, and the local backend on the embedded model."""
+import dataclasses
 import fcntl
 import json
 import os
@@ -64,6 +65,13 @@ def test_api_n_one_request_per_prompt_and_summary(tmp_path):
     saved = json.loads((tmp_path / "out" / "cand.summary.json").read_text())
     assert saved["counts"]["ok"] == 12 and saved["cost_usd"] > 0 and saved["tokens"]["completion"] > 0
     assert saved["input_sha256"]["input"] and "git_commit" in saved and summary["counts"]["requests"] == 4
+    # cost_usd is this run's; cost_usd_all_runs adds up every run on this output, and a dry run spends nothing.
+    with FakeOpenAI() as server:
+        dry = overgen.main(cfg_for(server, tmp_path, n=3, dry_run=True))
+        more = overgen.main(cfg_for(server, tmp_path, n=4))
+    assert dry["cost_usd_all_runs"] == saved["cost_usd"] and "cost_usd" not in dry
+    assert more["cost_usd_all_runs"] == pytest.approx(saved["cost_usd"] + more["cost_usd"], abs=2e-6)
+    assert more["tokens_all_runs"]["completion"] == saved["tokens"]["completion"] + more["tokens"]["completion"]
 
 
 def test_ignored_n_is_detected_and_fanned_out(tmp_path):
@@ -229,6 +237,7 @@ def test_dry_run_calls_nothing_and_labels_its_estimate(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kw,msg", [({"backend": "local", "base_url": "http://127.0.0.1:1/v1"}, "--base_url"),
                                     ({"batch_size": 4}, "--batch_size"), ({"n": 0}, "--n must"),
+                                    ({"rpm": -5}, "--rpm must be positive"), ({"tpm": 0}, "--tpm must be positive"),
                                     ({"input": None}, "--input is required")])
 def test_unused_or_invalid_flags_are_errors(tmp_path, kw, msg):
     cfg = overgen.GenerateConfig(**{"input": prompts_file(tmp_path, ["a"]), "output": str(tmp_path / "o.jsonl"), **kw})
@@ -273,6 +282,10 @@ def test_missing_key_stops_before_any_request(tmp_path, monkeypatch):
     cfg = overgen.GenerateConfig(input=prompts_file(tmp_path, ["a"]), output=str(tmp_path / "o.jsonl"))
     with pytest.raises(FatalAPIError, match="OPENAI_API_KEY"):
         overgen.main(cfg)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY + "\n")  # read from a file with its newline
+    with FakeOpenAI() as server, pytest.raises(FatalAPIError, match="whitespace") as e:
+        overgen.main(dataclasses.replace(cfg, base_url=server.base_url))
+    assert not server.log and KEY not in str(e.value)
 
 
 @pytest.fixture
@@ -295,3 +308,5 @@ def test_local_backend_gives_n_candidates_per_prompt(tmp_path, smol_path, one_th
     assert all(r["finish_reason"] in ("stop", "length") and r["usage"]["completion_tokens"] <= 17 for r in recs)
     assert all(r["text"].strip() for r in recs) and len({r["seed"] for r in recs}) == 1  # one seeded batch
     assert overgen.main(cfg)["counts"]["todo"] == 0
+    # Another chat template puts other tokens in front of the model: new keys, not the cached samples.
+    assert overgen.main(dataclasses.replace(cfg, chat_template="chatml", dry_run=True))["counts"]["todo"] == 4

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 import overgen
-from porover import pairs
+from porover import judges, models, pairs
 from porover.data import DataError, read_pref
 from tests import openai_server
+from tests.conftest import tiny_llama
 from tests.openai_server import FakeOpenAI
 
 
@@ -224,6 +226,27 @@ def test_served_judges_are_cached_and_the_safety_filter_applies(tmp_path, monkey
     assert [r["id"] for r in rows] == ["s1", "t1"] and "pairs_chosen_safety_filter_skipped_no_judge" not in c
     assert rows[0]["pair"]["chosen_p_unsafe"] == 0.0 and rows[1]["rejected"].startswith("Sure")
     assert "1 - p_unsafe >= tau_safe" in summary["safety"] and "guard-1" in summary["judges"]["safety"]
+
+
+def test_a_local_llamaguard_is_loaded_once_for_student_and_teacher(tmp_path, smol_path, monkeypatch):
+    """With a local Llama Guard (a tiny random Llama; its verdicts scripted, since a random model's are noise), pairs
+    judges the student's toxic samples and the teacher's candidates with one loaded model."""
+    tiny_llama(seed=0).save_pretrained(tmp_path / "guard")
+    AutoTokenizer.from_pretrained(smol_path).save_pretrained(tmp_path / "guard")
+    loads, seen = [], set()
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
+
+    def score(model, tok, prompt, response):
+        seen.add(id(model))
+        return {"unsafe": response.startswith("Sure"), "p_unsafe": 0.9 if response.startswith("Sure") else 0.1}
+    monkeypatch.setattr(judges, "llamaguard_score", score)
+    summary, rows, _ = run_pairs(tmp_path, anchor_ratio=1.0, safety_judge="llamaguard",
+                                 safety_model=str(tmp_path / "guard"))
+    c = summary["counts"]
+    assert c["student_safety_judged"] == 8 and c["teacher_safety_judged"] == 8
+    assert len(loads) == 1 and len(seen) == 1
+    assert [r["id"] for r in rows] == ["s1", "t1"] and rows[1]["pair"]["rejected_p_unsafe"] == 0.9
 
 
 def test_prompt_mismatch_missing_slot_and_bad_flags_are_errors(tmp_path):
