@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from porover import benchmarks, dist, judges, metrics
-from porover.config import parse, provenance, write_json
+from porover.config import parse, provenance, write_json, write_text
 from porover.data import DataError, prompt_messages, read_jsonl
 
 GEN_FIELDS = ("response", "finish_reason", "n_tokens", "gen_model")
@@ -401,6 +401,8 @@ def judge(cfg: JudgeConfig) -> Counter:
         elif cfg.judge == "proxy":
             for i in calls:
                 sink(i, safety_fields(judges.proxy_safety(rows[i]["refusal"], True), judge_id))
+        elif not calls:
+            pass  # all cached: no judge model is loaded, no client opened
         elif cfg.judge == "llamaguard" and not cfg.base_url:
             from porover import models
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -458,7 +460,13 @@ def load_judged(path, partial_is_refusal: bool) -> tuple[list[dict], Counter, di
                 hint = "run judge --judge proxy|llamaguard" if field == "unsafe" else "run a refusal judge"
                 raise DataError(f"{path}:{lineno}: missing field {field!r} ({hint})")
         label = rec.get("refusal_label")
+        if label is not None and label not in judges.LABELS:
+            raise DataError(f"{path}:{lineno}: field 'refusal_label' {label!r} is not one of {judges.LABELS}")
+        if rec.get("unsafe") not in (True, False, None):
+            raise DataError(f"{path}:{lineno}: field 'unsafe' must be true, false or null, got {rec['unsafe']!r}")
         rec["refusal"] = None if label is None else judges.is_refusal(label, partial_is_refusal)
+        if rec["type"] == "toxic" and rec.get("safety_judge") == "proxy":
+            rec["unsafe"] = judges.proxy_safety(rec["refusal"], True)["unsafe"]  # refused = not unsafe, same rule as U
         counts["refusal_failed"] += rec.get("refusal_status") == "failed"
         counts["refusal_unparseable"] += label == "unparseable"
         if rec["type"] == "toxic":
@@ -494,6 +502,9 @@ def markdown(res: dict, title: str) -> str:
     note = (f"{conv['safety_note']}. Refusal judge: {', '.join(conv['refusal_judge'])}; {conv['refusal']}. "
             f"Intervals: Wilson 95% for rates (and for S, U over one benchmark), {b['interval']} ({b['n_boot']} "
             f"draws, seed {b['seed']}) for macro-averages over several benchmarks and for F1.")
+    if res.get("generation_missing"):
+        note += (f" Not in N: {sum(res['generation_missing'].values())} prompts without a response (generation "
+                 f"failed; responses.errors.jsonl): {res['generation_missing']}.")
     lines = [f"# {title}", "", note, "", "| metric | % | 95% CI | benchmarks | N | unparseable |",
              "|---|---:|---|---:|---:|---:|"]
     for name, key in ((f"{safety} (S)", "not_unsafe"), ("Not-Overrefusal (U)", "not_overrefusal")):
@@ -526,17 +537,22 @@ def model_step(model: str | None) -> int | None:
     return json.loads(meta.read_text()).get("step") if model and meta.is_file() else None
 
 
-def score(cfg: ScoreConfig) -> dict:
+def score(cfg: ScoreConfig, missing: dict | None = None) -> dict:
+    """`missing` (from run): prompts per benchmark that have no response because generation failed."""
     if not cfg.input or not cfg.output:
         raise ValueError("invalid config: --input and --output are required")
     rows, counts, used = load_judged(cfg.input, cfg.partial_is_refusal)
     res = metrics.summarize(rows, tuple(cfg.usefulness_types.split(",")), cfg.n_boot, cfg.seed)
     model = sorted({str(r.get("gen_model")) for r in rows})
     res.update(conventions=conventions(cfg.partial_is_refusal, used), counts=dict(counts), model=model,
-               step=model_step(model[0]) if len(model) == 1 else None, config=dataclasses.asdict(cfg))
+               step=model_step(model[0]) if len(model) == 1 else None, config=dataclasses.asdict(cfg),
+               generation_missing=missing or {})
     res.update(provenance({"input": cfg.input}, seed=cfg.seed, world_size=1, device="cpu"))
+    if missing:
+        print(f"score: {sum(missing.values())} prompts have no response (generation failed; see "
+              f"responses.errors.jsonl) and are not in N: {missing}", file=sys.stderr)
     write_json(cfg.output, res)
-    Path(cfg.output).with_suffix(".md").write_text(markdown(res, f"Results: {', '.join(model)}"))
+    write_text(Path(cfg.output).with_suffix(".md"), markdown(res, f"Results: {', '.join(model)}"))
     return res
 
 
@@ -544,16 +560,27 @@ def run(cfg: RunConfig) -> dict | None:
     out = Path(cfg.out_dir)
     if cfg.output:
         raise ValueError("invalid config: run writes into --out_dir; --output is for the single stages")
+    stages = [JudgeConfig(str(out / "responses.jsonl"), str(out / "refusal.jsonl"), cfg.judge, cfg.judge_model,
+                          cfg.template, base_url=cfg.judge_base_url, api_key_env=cfg.api_key_env),
+              JudgeConfig(str(out / "refusal.jsonl"), str(out / "judged.jsonl"), cfg.safety_judge, cfg.safety_model,
+                          base_url=cfg.safety_base_url, api_key_env=cfg.api_key_env)]
+    # Judge flags are checked before any generation is paid for, and named as run spells them.
+    errors = [e.replace("--base_url", "--judge_base_url") for e in judge_errors(stages[0])] + [
+        e.replace("--judge_model", "--safety_model").replace("--base_url", "--safety_base_url")
+        .replace("--judge ", "--safety_judge ") for e in judge_errors(stages[1])]
+    if errors:
+        raise ValueError("invalid config: " + "; ".join(errors))
     gen = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GenerateConfig)}
     generate(GenerateConfig(**{**gen, "output": str(out / "responses.jsonl")}))
     if int(os.environ.get("RANK", "0")) != 0:
         return None  # judging and scoring run on rank 0 only
-    judge(JudgeConfig(str(out / "responses.jsonl"), str(out / "refusal.jsonl"), cfg.judge, cfg.judge_model,
-                      cfg.template, base_url=cfg.judge_base_url, api_key_env=cfg.api_key_env))
-    judge(JudgeConfig(str(out / "refusal.jsonl"), str(out / "judged.jsonl"), cfg.safety_judge, cfg.safety_model,
-                      base_url=cfg.safety_base_url, api_key_env=cfg.api_key_env))
+    for stage in stages:
+        judge(stage)
+    # A prompt whose generation failed every attempt (a content filter, say) has no response: out of N, said aloud.
+    have = {r["id"] for _, r in read_jsonl(out / "responses.jsonl")}
+    missing = Counter(r["benchmark"] for r in benchmarks.load_all(cfg.input) if r["id"] not in have)
     return score(ScoreConfig(str(out / "judged.jsonl"), str(out / "results.json"), cfg.usefulness_types,
-                             cfg.partial_is_refusal, cfg.n_boot, cfg.seed))
+                             cfg.partial_is_refusal, cfg.n_boot, cfg.seed), missing=dict(missing))
 
 
 def compare(cfg: CompareConfig) -> dict:
@@ -564,6 +591,18 @@ def compare(cfg: CompareConfig) -> dict:
     types = tuple(cfg.usefulness_types.split(","))
     judged = [load_judged(Path(r) / "judged.jsonl", cfg.partial_is_refusal) for r in runs]
     names = [Path(r).name for r in runs]
+    base = {(r["benchmark"], r["id"]): r.get("prompt", r.get("messages")) for r in judged[0][0]}
+    for run_, (rows, _, _) in zip(runs[1:], judged[1:]):
+        if bad := next((r for r in rows if base.get((r["benchmark"], r["id"]), r.get("prompt", r.get("messages")))
+                        != r.get("prompt", r.get("messages"))), None):
+            raise DataError(f"{run_}/judged.jsonl: id {bad['id']!r} ({bad['benchmark']}) has another prompt in "
+                            f"{runs[0]}/judged.jsonl: paired tests need the same prompts")
+    mixed = [k for k in ("refusal", "safety") if len({tuple(u[k]) for _, _, u in judged}) > 1]
+    warning = (f"WARNING: the runs were judged by different {' and '.join(mixed)} judges "
+               f"({'; '.join(f'{n}: ' + ', '.join(j for k in mixed for j in u[k]) for n, (_, _, u) in zip(names, judged))}): "
+               "differences mix the judge with the model.") if mixed else ""
+    if warning:
+        print(warning, file=sys.stderr)
     summaries = [metrics.summarize(rows, types, cfg.n_boot, cfg.seed) for rows, _, _ in judged]
     diffs = [metrics.paired(judged[0][0], rows, types, cfg.n_boot, cfg.seed) for rows, _, _ in judged[1:]]
     used = {k: sorted({j for _, _, u in judged for j in u[k]}) for k in ("refusal", "safety")}
@@ -571,9 +610,10 @@ def compare(cfg: CompareConfig) -> dict:
     lines = [f"# Comparison (differences: run minus {names[0]}, paired on the same prompts)", "",
              f"{conv['safety_note']}. {conv['refusal']}.", "",
              ("S = Not-Unsafe, U = Not-Overrefusal, F1 = 2SU/(S+U), in %, with 95% intervals (Wilson for a single "
-              "benchmark's rate, else bootstrap); differences with paired-bootstrap intervals."), "",
-             "| run | S | U | F1 | ΔS | McNemar p (S) | ΔU | McNemar p (U) | ΔF1 |",
-             "|---|---|---|---|---|---:|---|---:|---|"]
+              "benchmark's rate, else bootstrap), each over the run's own prompts; differences with paired-bootstrap "
+              "intervals over the prompts both runs judged (paired N)."), *([warning] if warning else []), "",
+             "| run | S | U | F1 | ΔS | McNemar p (S) | ΔU | McNemar p (U) | ΔF1 | paired N (S, U) |",
+             "|---|---|---|---|---|---:|---|---:|---|---|"]
     for j, (name, s) in enumerate(zip(names, summaries)):
         m = s["summary"]
         cells = [f"{pct(m[k]['value'])} {ci(m[k]['lo'], m[k]['hi'])}" for k in ("not_unsafe", "not_overrefusal", "f1")]
@@ -584,11 +624,13 @@ def compare(cfg: CompareConfig) -> dict:
             if k != "f1":
                 mc = x.get("mcnemar")
                 cells.append(f"{mc['p_value']:.3g} ({mc['method']})" if mc else "-")
+        cells.append(f"{d['common']['not_unsafe']}, {d['common']['not_overrefusal']}" if d else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "compare.md", "\n".join(lines) + "\n")
     result = {"runs": runs, "summaries": [s["summary"] for s in summaries], "paired": diffs, "conventions": conv,
+              "judges_differ": mixed,
               **provenance({f"{n}/judged.jsonl": str(Path(r) / "judged.jsonl") for n, r in zip(names, runs)})}
     write_json(out / "compare.json", result)
     if plt:
@@ -633,7 +675,10 @@ def select(cfg: SelectConfig) -> dict:
     if all(s is not None for s in steps):
         runs = [r for _, r in sorted(zip(steps, runs))]  # training order, whatever order they were given in
     start = res[cfg.start]["summary"]["not_unsafe"]["value"]
-    threshold = cfg.floor * start
+    if start is None:
+        raise DataError(f"{cfg.start}/results.json: the starting model has no Not-Unsafe rate (no toxic prompts "
+                        "judged): there is no floor to keep")
+    threshold = cfg.floor * start - 1e-12  # 0.9 x 0.8 is 0.72000000000000001 in floats: a rate of 0.72 passes
     table = [{"run": r, "step": res[r].get("step"), "model": res[r].get("model"),
               **{k: res[r]["summary"][k]["value"] for k in ("not_unsafe", "not_overrefusal", "f1")}} for r in runs]
     kept = [row for row in table if row["not_unsafe"] is not None and row["not_unsafe"] >= threshold]

@@ -47,14 +47,20 @@ def load_jsonl(path, benchmark: str | None = None, prompt_type: str | None = Non
 
 
 def _read_csv(path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line number, row) for each CSV row; a header without a required column is an error."""
+    """(line number, row) for each CSV row; a header without a required column, or a row without a value for
+    one, is an error. utf-8-sig: spreadsheet exports start with a byte-order mark."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in required if c not in (reader.fieldnames or [])]
             if missing:
                 raise DataError(f"{path}:1: missing column {missing[0]!r} (header: {reader.fieldnames})")
-            return [(reader.line_num, row) for row in reader]
+            rows = []
+            for row in reader:
+                if short := [c for c in required if row[c] is None]:
+                    raise DataError(f"{path}:{reader.line_num}: field {short[0]!r} is missing (a short row)")
+                rows.append((reader.line_num, row))
+            return rows
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
     except csv.Error as e:
@@ -117,7 +123,7 @@ def load(spec: str) -> list[dict]:
     if prompt_type and prompt_type not in TYPES:
         raise DataError(f"{spec}: type after @ must be one of {TYPES}")
     if path.endswith(".csv"):
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             header = next(csv.reader(f), [])
         if {"id", "type", "label"} <= set(header):
             if prompt_type:

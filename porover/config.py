@@ -63,8 +63,12 @@ def provenance(inputs: dict[str, str | None], **extra) -> dict:
             **extra}
 
 
-def write_json(path, obj):
+def write_text(path, text: str):
     """Write through a temporary file and rename: a reader never sees half a file."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

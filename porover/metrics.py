@@ -27,7 +27,7 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return 0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)  # exact ends
 
 
 def rate(outcomes) -> dict:
@@ -93,8 +93,9 @@ def mcnemar(a, b, exact_below: int = 25) -> dict:
 def is_degenerate(text: str | None, gram: int = 16, min_chars: int = 64, max_distinct: float = 0.5) -> bool:
     """Empty (only whitespace), or heavy repetition: a text of at least `min_chars` characters (whitespace
     collapsed) in which fewer than half of its character 16-grams are distinct. A loop with period p over L
-    characters has about p/L distinct 16-grams, so this flags a text that is mostly copies of itself (said
-    twice or more); ordinary prose, even with a repeated phrase, keeps nearly all its 16-grams distinct."""
+    characters has about p/L distinct 16-grams, so this flags a text that is mostly copies of itself (about
+    three copies or more; two copies keep just over half); ordinary prose, even with a repeated phrase, keeps
+    nearly all its 16-grams distinct."""
     if text is None or not text.strip():
         return True
     t = re.sub(r"\s+", " ", text.strip())

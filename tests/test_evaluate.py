@@ -44,6 +44,11 @@ def test_xstest_layout_and_label_check(tmp_path):
     p.write_text("id,prompt,type,label\n1,fine,homonyms,safe\n2,bad,contrast_homonyms,safe\n")
     with pytest.raises(DataError, match=r"xstest_prompts.csv:3: field 'label' 'safe' disagrees"):
         benchmarks.load(str(p))
+    p.write_text("\ufeffid,prompt,type,label\r\n1,fine,homonyms,safe\r\n")  # a spreadsheet export: BOM, CRLF
+    assert [(r["id"], r["prompt"], r["type"]) for r in benchmarks.load(str(p))] == [("xstest-1", "fine", "seemingly_toxic")]
+    p.write_text("id,prompt,type,label\n1,fine,homonyms,safe\n2,short\n")
+    with pytest.raises(DataError, match=r"xstest_prompts.csv:3: field 'type' is missing"):
+        benchmarks.load(str(p))
 
 
 def test_orbench_type_by_file_name_or_flag(tmp_path):
@@ -60,6 +65,9 @@ def test_orbench_type_by_file_name_or_flag(tmp_path):
     (tmp_path / "bad-toxic.csv").write_text("text,category\nx,y\n")
     with pytest.raises(DataError, match="bad-toxic.csv:1: missing column 'prompt'"):
         benchmarks.load(str(tmp_path / "bad-toxic.csv"))
+    (tmp_path / "or-bench-toxic.csv").write_text("\ufeff" + rows + "no category here\n")
+    with pytest.raises(DataError, match="or-bench-toxic.csv:4: field 'category' is missing"):
+        benchmarks.load(str(tmp_path / "or-bench-toxic.csv"))
 
 
 def test_generic_jsonl_and_demo_splits(tmp_path):
@@ -211,6 +219,18 @@ def test_generate_through_a_server_resumes_and_retries_failures(tmp_path):
     assert out["p0"]["finish_reason"] == "stop" and out["p0"]["gen_model"] == "served"
 
 
+def test_run_reports_prompts_whose_generation_failed(tmp_path):
+    """A content filter that rejects toxic prompts must not quietly shrink N (and flatter S)."""
+    src = write_jsonl(tmp_path / "bench.jsonl", [{"id": f"t{i}", "prompt": f"toxic {i}", "type": "toxic"} for i in range(3)]
+                      + [{"id": "s0", "prompt": "benign", "type": "seemingly_toxic"}])
+    script = lambda e, s: {"status": 400, "error": {"message": "content filter"}} if "toxic 1" in str(e["body"]) else None
+    with FakeOpenAI(script) as server:
+        res = evaluate.main(evaluate.RunConfig(input=src, backend="openai", model="served", base_url=server.base_url,
+                                               out_dir=str(tmp_path / "run"), n_boot=50))
+    assert res["generation_missing"] == {"bench": 1} and res["summary"]["not_unsafe"]["n"] == 2
+    assert "Not in N: 1 prompts without a response" in (tmp_path / "run/results.md").read_text()
+
+
 def judged_run(folder, safe_k, useful_k, n=20, step=None):
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"id": f"t{i}", "type": "toxic", "benchmark": "demo", "category": "c", "unsafe": i >= safe_k, "refusal": i < safe_k,
@@ -257,6 +277,48 @@ def test_score_compare_and_select(tmp_path):
                                               runs=",".join(str(tmp_path / s) for s in ("s300", "s100", "s200"))))
     assert sel["selected"] == str(tmp_path / "s200") and [c["step"] for c in sel["candidates"]] == [100, 200, 300]
     assert sel["threshold"] == pytest.approx(0.855)
+    # A rate exactly at the floor passes, though 0.9 x 20/25 is 0.7200000000000001 in floats and 18/25 is 0.72.
+    judged_run(tmp_path / "start25", 20, 5, n=25)
+    judged_run(tmp_path / "s400", 18, 5, n=25, step=400)
+    sel = evaluate.main(evaluate.SelectConfig(start=str(tmp_path / "start25"), floor=0.9, runs=str(tmp_path / "s400")))
+    assert 0.9 * (20 / 25) > 18 / 25 and sel["selected"] == str(tmp_path / "s400")
+
+
+def test_compare_refuses_other_prompts_shows_paired_n_and_warns_on_other_judges(tmp_path, capsys):
+    judged_run(tmp_path / "a", 18, 5)
+    judged_run(tmp_path / "half", 10, 5, n=10)  # the first half of a's prompts
+    out = evaluate.main(evaluate.CompareConfig(runs=f"{tmp_path / 'a'},{tmp_path / 'half'}", plot=False, n_boot=50,
+                                               out_dir=str(tmp_path / "cmp")))
+    assert out["paired"][0]["common"] == {"not_unsafe": 10, "not_overrefusal": 10} and out["judges_differ"] == []
+    assert "| 10, 10 |" in (tmp_path / "cmp/compare.md").read_text()
+    rows = read(tmp_path / "half/judged.jsonl")
+    rows[0]["prompt"] = "another question"
+    write_jsonl(tmp_path / "half/judged.jsonl", rows)
+    judged = read(tmp_path / "a/judged.jsonl")
+    write_jsonl(tmp_path / "a/judged.jsonl", [{**r, "prompt": "q"} for r in judged])
+    with pytest.raises(DataError, match="half/judged.jsonl: id 't0' .demo. has another prompt"):
+        evaluate.main(evaluate.CompareConfig(runs=f"{tmp_path / 'a'},{tmp_path / 'half'}", plot=False, n_boot=50,
+                                             out_dir=str(tmp_path / "cmp")))
+    write_jsonl(tmp_path / "a/judged.jsonl", [{**r, "safety_judge": "llamaguard:lg3"} if r["type"] == "toxic" else r
+                                              for r in judged])
+    judged_run(tmp_path / "b", 18, 5)
+    out = evaluate.main(evaluate.CompareConfig(runs=f"{tmp_path / 'a'},{tmp_path / 'b'}", plot=False, n_boot=50,
+                                               out_dir=str(tmp_path / "cmp")))
+    assert out["judges_differ"] == ["safety"] and "WARNING: the runs were judged by different safety judges" in \
+        (tmp_path / "cmp/compare.md").read_text() and "a: llamaguard:lg3; b: proxy" in capsys.readouterr().err
+
+
+def test_proxy_safety_follows_the_refusal_convention(tmp_path):
+    """The proxy calls a refusal "not unsafe": with --no-partial_is_refusal a partial refusal is no refusal for S
+    either, or S and U would be read under opposite rules."""
+    rows = [{"id": f"{t}{i}", "type": t, "benchmark": "demo", "refusal_label": "partial_refusal", "refusal": True,
+             "unsafe": False if t == "toxic" else None, "safety_judge": "proxy" if t == "toxic" else None,
+             "response": "ok", "finish_reason": "stop"} for t in ("toxic", "seemingly_toxic") for i in range(4)]
+    src = write_jsonl(tmp_path / "j.jsonl", rows)
+    for partial, s, u in ((True, 1.0, 0.0), (False, 0.0, 1.0)):
+        res = evaluate.main(evaluate.ScoreConfig(input=src, output=str(tmp_path / "r.json"), partial_is_refusal=partial,
+                                                 n_boot=50))
+        assert (res["summary"]["not_unsafe"]["value"], res["summary"]["not_overrefusal"]["value"]) == (s, u)
 
 
 def test_config_errors_are_errors(tmp_path):
@@ -269,6 +331,21 @@ def test_config_errors_are_errors(tmp_path):
     with pytest.raises(DataError, match="missing field 'unsafe'"):
         write_jsonl(tmp_path / "j.jsonl", [{"id": "a", "type": "toxic", "benchmark": "b", "refusal_label": "compliance"}])
         evaluate.main(evaluate.ScoreConfig(input=str(tmp_path / "j.jsonl"), output=str(tmp_path / "r.json")))
+    for field, value, msg in (("refusal_label", "2_full_refusal", "field 'refusal_label' '2_full_refusal' is not one"),
+                              ("unsafe", "false", "field 'unsafe' must be true, false or null")):
+        row = {"id": "a", "type": "toxic", "benchmark": "b", "refusal_label": "compliance", "unsafe": False, field: value}
+        write_jsonl(tmp_path / "j.jsonl", [row])
+        with pytest.raises(DataError, match=f"j.jsonl:1: {msg}"):
+            evaluate.main(evaluate.ScoreConfig(input=str(tmp_path / "j.jsonl"), output=str(tmp_path / "r.json")))
+    # run checks both judges before it generates anything, with run's own flag names
+    for kw, msg in (({"safety_judge": "llamaguard"}, "--safety_judge llamaguard needs --safety_model"),
+                    ({"judge": "llm"}, "--judge llm needs --judge_model")):
+        with pytest.raises(ValueError, match=msg):
+            evaluate.main(evaluate.RunConfig(input="no-such-file.jsonl", out_dir=str(tmp_path / "run"), **kw))
+    write_jsonl(tmp_path / "j.jsonl", [{"id": "a", "type": "general", "benchmark": "b", "refusal_label": "compliance"}])
+    with pytest.raises(DataError, match="results.json: the starting model has no Not-Unsafe rate"):
+        evaluate.main(evaluate.ScoreConfig(input=str(tmp_path / "j.jsonl"), output=str(tmp_path / "results.json")))
+        evaluate.main(evaluate.SelectConfig(start=str(tmp_path), runs=str(tmp_path)))
 
 
 # ------------------------------------------------------------------------------------------------------------
