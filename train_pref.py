@@ -74,6 +74,10 @@ def loss_options(cfg: Config) -> dict:
         errors.append("--beta must be positive")
     if cfg.ref_batch_size is not None and not cfg.precompute_ref:
         errors.append("--ref_batch_size needs --precompute_ref")
+    if cfg.ref_batch_size is not None and cfg.ref_batch_size < 1:
+        errors.append("--ref_batch_size must be at least 1")
+    if cfg.nll_weight < 0:
+        errors.append("--nll_weight must be non-negative (it adds the chosen answer's NLL)")
     if cfg.ref_offload and (cfg.strategy != "fsdp" or cfg.precompute_ref or opts.get("reference_free")):
         errors.append("--ref_offload needs --strategy fsdp and an online reference")
     elif cfg.ref_offload and not torch.cuda.is_available():
@@ -186,7 +190,7 @@ def main(cfg: Config):
     tokenizer = models.load_tokenizer(cfg.model)
     eot_id = chat.prepare_tokenizer(tokenizer, cfg.chat_template)
     pairs, counts = load_pairs(cfg.data, tokenizer, eot_id, cfg, "train")
-    eval_pairs = load_pairs(cfg.eval_data, tokenizer, eot_id, cfg, "eval")[0] if cfg.eval_data else []
+    eval_pairs, eval_counts = load_pairs(cfg.eval_data, tokenizer, eot_id, cfg, "eval") if cfg.eval_data else ([], {})
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
 
     # The reference: the same weights as the policy by default, frozen, eval mode (dropout off), same dtype
@@ -229,7 +233,7 @@ def main(cfg: Config):
     if rank == 0:
         write_json(out / "config.json", {"loss_options": opts, "max_steps": max_steps,
                                          "global_batch": global_batch_size, "warmup_steps": warmup_steps,
-                                         "train_counts": counts, **meta})
+                                         "train_counts": counts, "eval_counts": eval_counts, **meta})
     dist.print0(f"global batch {global_batch_size} pairs = {cfg.batch_size} per device x {cfg.grad_accum} "
                 f"accumulation x {world} processes; {n} pairs, {max_steps} steps, {cfg.loss} {opts}, {dtype} on {device}")
     metrics = MetricsFile(out / "metrics.jsonl", step if resumed else None, rank == 0)

@@ -97,7 +97,7 @@ def main(cfg: Config):
     tokenizer = models.load_tokenizer(cfg.model)
     eot_id = chat.prepare_tokenizer(tokenizer, cfg.chat_template)
     train_items, train_counts = load_split(cfg.data, tokenizer, eot_id, cfg, "train")
-    eval_items = load_split(cfg.eval_data, tokenizer, eot_id, cfg, "eval")[0] if cfg.eval_data else None
+    eval_items, eval_counts = load_split(cfg.eval_data, tokenizer, eot_id, cfg, "eval") if cfg.eval_data else (None, {})
 
     model = wrap(models.load_model(cfg.model, dtype=torch.float32).to(device), cfg, device, world, dtype)  # fp32 master
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
@@ -113,7 +113,8 @@ def main(cfg: Config):
                       device=str(device), dtype=dtype, config=config)
     if rank == 0:
         write_json(out / "config.json", {"max_steps": max_steps, "global_batch": global_batch_size,
-                                         "warmup_steps": warmup_steps, "train_counts": train_counts, **meta})
+                                         "warmup_steps": warmup_steps, "train_counts": train_counts,
+                                         "eval_counts": eval_counts, **meta})
     dist.print0(f"global batch {global_batch_size} = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x "
                 f"{world} processes; {n} examples, {max_steps} steps, {dtype} on {device}")
     metrics = MetricsFile(out / "metrics.jsonl", step if resumed else None, rank == 0)

@@ -35,8 +35,10 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> int:
         tokenizer.chat_template = Path(chat_template).read_text()
     if not tokenizer.chat_template:
         raise ValueError("the tokenizer has no chat template (a base model?): pass --chat_template chatml or a file")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.bos_token or tokenizer.convert_ids_to_tokens(0)
+    if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers have unk = bos = eos: skip those
+        tokenizer.pad_token = next((t for t in (tokenizer.unk_token, tokenizer.bos_token,
+                                                tokenizer.convert_ids_to_tokens(0)) if t and t != tokenizer.eos_token),
+                                   tokenizer.eos_token)  # harmless (masks, not ids, exclude padding), but last
     # Find the end-of-turn token: render a conversation whose answer is a sentinel and read what follows it.
     msgs = [{"role": "user", "content": "hi"}]
     prompt = render(tokenizer, msgs)
@@ -122,7 +124,10 @@ def tokenize_pairs(tokenizer, eot_id, examples, max_length, max_prompt_length=No
             if pair[side] is None:  # no room for a response after the prompt
                 break
         else:
-            out.append(pair)
+            if pair["chosen"]["input_ids"] == pair["rejected"]["input_ids"]:
+                counts["identical_after_truncation"] += 1  # the two answers differ only after the cut: no signal
+            else:
+                out.append(pair)
     return out, counts
 
 

@@ -70,13 +70,15 @@ def read_sft(path) -> tuple[list[dict], Counter]:
     """
     examples, skipped = [], Counter()
     for lineno, obj in read_jsonl(path):
-        if "response" in obj:
+        if "messages" not in obj:  # {"prompt", "response"}: name the field that is missing, not the other form
             prompt, response = prompt_messages(obj, path, lineno), _field(obj, "response", path, lineno)
         else:
             msgs = _messages(obj, "messages", path, lineno)
             if not msgs or msgs[-1]["role"] != "assistant":
                 raise DataError(f"{path}:{lineno}: field 'messages' must end with an assistant message")
             prompt, response = msgs[:-1], msgs[-1]["content"]
+        if not prompt:
+            raise DataError(f"{path}:{lineno}: field 'messages' has no prompt before the assistant's answer")
         if not response.strip():
             skipped["empty_response"] += 1
             continue
@@ -105,6 +107,8 @@ def read_pref(path) -> tuple[list[dict], Counter]:
         if context is not None and rejected_context is not None and context != rejected_context:
             raise DataError(f"{path}:{lineno}: fields 'chosen' and 'rejected' carry different conversations")
         prompt = prompt_messages(obj, path, lineno) if "prompt" in obj or context is None else context
+        if not prompt:
+            raise DataError(f"{path}:{lineno}: field 'chosen' has no prompt before the assistant's answer")
         if not chosen.strip() or not rejected.strip():
             skipped["empty_chosen" if not chosen.strip() else "empty_rejected"] += 1
         elif chosen.strip() == rejected.strip():

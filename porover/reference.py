@@ -1,7 +1,7 @@
 """Reference-model log-probs for preference losses: online, or precomputed once and cached (SPEC §1, §9.8).
 
-The cache is a safetensors file named by a fingerprint of the reference (its weights, tokenizer, chat
-template, dtype) and holding one (chosen, rejected) pair of summed log-probs per training pair, keyed by a
+The cache is a safetensors file named by a fingerprint of the reference (its weights, config, tokenizer,
+chat template, dtype) and holding one (chosen, rejected) pair of summed log-probs per training pair, keyed by a
 hash of the pair's token ids and length settings. Any change to weights or tokenizer starts a new file;
 a changed data line or length setting changes that pair's key: only what changed is recomputed.
 """
@@ -34,9 +34,13 @@ def pair_key(pair: dict, max_length: int, max_prompt_length: int | None) -> str:
 
 
 def fingerprint(model, tokenizer, dtype: str, strategy: str, device_type: str) -> str:
-    """Hash of the reference's weights (every tensor's bytes), tokenizer and chat template, and what changes
-    its numerics: dtype, strategy (DDP autocasts, FSDP2 casts parameters) and device type."""
+    """Hash of the reference's weights (every tensor's bytes), architecture config (rope_theta, rms_norm_eps and
+    the like change the log-probs as surely as the weights), tokenizer and chat template, and what changes its
+    numerics: dtype, strategy (DDP autocasts, FSDP2 casts parameters) and device type."""
     h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items()  # not where it was loaded from or by which version
+              if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

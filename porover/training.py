@@ -12,6 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from porover import checkpoint, dist
+from porover.config import sha256
 from porover.chat import length_grouped_order
 
 
@@ -56,8 +57,12 @@ def config_errors(cfg: TrainConfig) -> list[str]:
         errors.append("--eval_every needs --eval_data")
     if cfg.keep_last is not None and cfg.save_every is None:
         errors.append("--keep_last needs --save_every")
-    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length - 1:
-        errors.append("--max_prompt_length must leave room for a response within --max_length")
+    if cfg.max_prompt_length is not None and not 1 <= cfg.max_prompt_length < cfg.max_length - 1:
+        errors.append("--max_prompt_length must be at least 1 and leave room for a response within --max_length")
+    if not cfg.max_grad_norm > 0:
+        errors.append("--max_grad_norm must be positive (0 would zero every update, a negative one reverse it)")
+    if cfg.resume and not cfg.save_every:
+        errors.append("--resume needs --save_every: without checkpoints there is nothing to resume from next time")
     for k in ("batch_size", "grad_accum", "max_length", "epochs", "max_steps", "eval_every", "save_every",
               "export_every", "keep_last", "log_every"):
         if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
@@ -159,8 +164,10 @@ def mfu(flops_token: int, tokens: float, step_time: float, world: int) -> dict:
 
 
 def run_config(cfg: TrainConfig, world: int) -> dict:
-    """The config a checkpoint records and a resume compares: the flags plus the global batch."""
-    return {**dataclasses.asdict(cfg), "global_batch": cfg.batch_size * cfg.grad_accum * world}
+    """The config a checkpoint records and a resume compares: the flags, the global batch and the training
+    data's hash (the same path with other contents would continue from a data position that means nothing)."""
+    return {**dataclasses.asdict(cfg), "global_batch": cfg.batch_size * cfg.grad_accum * world,
+            "data_sha256": sha256(cfg.data)}
 
 
 def save_and_export(cfg: TrainConfig, step, max_steps, model, optimizer, tokenizer, samples_seen, meta):

@@ -98,6 +98,25 @@ def test_truncation_counts(smol_tok):
     assert counts["prompt_too_long"] == 1
 
 
+def test_a_pair_identical_after_truncation_is_skipped_and_counted(smol_tok):
+    tok, eot = smol_tok
+    same_start = "word " * 40
+    examples = [{"prompt": PROMPT, "chosen": same_start + "and the good end.", "rejected": same_start + "a bad end."},
+                {"prompt": PROMPT, "chosen": "Red.", "rejected": "Blue."}]
+    items, counts = chat.tokenize_pairs(tok, eot, examples, max_length=len(chat.encode_prompt(tok, PROMPT)) + 20)
+    assert len(items) == 1 and counts["identical_after_truncation"] == 1
+
+
+def test_a_gpt2_style_tokenizer_gets_a_pad_that_is_not_eos(tmp_path):
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"!": 0, "a": 1, "<|endoftext|>": 2}  # GPT-2: id 0 is "!", the one special token is last
+    base = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="<|endoftext|>")),
+                                   bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    chat.prepare_tokenizer(base, "chatml")
+    assert base.pad_token is not None and base.pad_token != base.eos_token
+
+
 def test_tokenize_sft_counts_skips(smol_tok):
     tok, eot = smol_tok
     examples = [{"prompt": PROMPT, "response": "Red."}, {"prompt": [{"role": "user", "content": "x " * 400}],

@@ -19,7 +19,8 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize("bad,message", [
     (b'{"prompt": "a", "response": ', r"d\.jsonl:2: malformed JSON"),
-    (b'{"prompt": "a"}', r"d\.jsonl:2: missing field 'messages'"),
+    (b'{"prompt": "a", "completion": "b"}', r"d\.jsonl:2: missing field 'response'"),
+    (b'{"messages": [{"role": "assistant", "content": "a"}]}', r"d\.jsonl:2: field 'messages' has no prompt"),
     (b'{"response": "a"}', r"d\.jsonl:2: missing field 'prompt'"),
     (b'{"prompt": 3, "response": "a"}', r"d\.jsonl:2: field 'prompt' must be str"),
     (b'{"prompt": "\xff\xfe", "response": "a"}', r"d\.jsonl:2: invalid UTF-8"),

@@ -200,6 +200,9 @@ def test_reference_cache_invalidation(tiny_dir, tmp_path, capsys):
     m.save_pretrained(model)
     assert run() == (0, 4)                                    # one weight
     assert run() == (4, 0)
+    cfg_file = tmp_path / "m" / "config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "rms_norm_eps": 1e-3}))
+    assert run() == (0, 4)                                    # the architecture config, same weights
 
 
 def test_resume_is_exact(tiny_dir, tmp_path, monkeypatch):
@@ -225,6 +228,8 @@ def test_resume_is_exact(tiny_dir, tmp_path, monkeypatch):
     (dict(loss="ipo", label_smoothing=0.1), "--label_smoothing is not used by --loss ipo"),
     (dict(loss="nope"), "is not one of dpo, ipo"),
     (dict(ref_batch_size=8), "--ref_batch_size needs --precompute_ref"),
+    (dict(ref_batch_size=0, precompute_ref=True), "--ref_batch_size must be at least 1"),
+    (dict(nll_weight=-5.0), "--nll_weight must be non-negative"),
     (dict(beta=0.0), "--beta must be positive"),
 ])
 def test_unused_or_contradictory_options_are_errors(tmp_path, kw, match):

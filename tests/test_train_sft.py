@@ -1,5 +1,6 @@
 """train_sft.py: exact resume, atomic checkpoints, config checks, learning on the embedded model."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,14 @@ def test_resume_refuses_a_changed_config(tiny_dir, straight, tmp_path):
         train_sft.main(cfg_for(tiny_dir, data, tmp_path, max_steps=3, lr=2e-3, resume=True))
     train_sft.main(cfg_for(tiny_dir, data, tmp_path, max_steps=4, resume=True, keep_last=1))  # allowed
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000004"]
+    # The same path with other contents: the saved data position would point into another dataset.
+    edited = tmp_path / "edited.jsonl"
+    lines = Path(data).read_text().splitlines()
+    edited.write_text("\n".join(lines) + "\n")
+    train_sft.main(cfg_for(tiny_dir, str(edited), tmp_path / "e", max_steps=3))
+    edited.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ValueError, match=r"data_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
+        train_sft.main(cfg_for(tiny_dir, str(edited), tmp_path / "e", max_steps=4, resume=True))
 
 
 def test_final_export_reloads_with_tied_weights(straight):
@@ -112,6 +121,9 @@ def test_final_export_reloads_with_tied_weights(straight):
     (dict(keep_last=2, save_every=None), "--keep_last needs --save_every"),
     (dict(batch_size=0), "--batch_size must be at least 1"),
     (dict(max_prompt_length=127), "--max_prompt_length"),
+    (dict(max_prompt_length=0), "--max_prompt_length must be at least 1"),
+    (dict(max_grad_norm=0.0), "--max_grad_norm must be positive"),
+    (dict(resume=True, save_every=None), "--resume needs --save_every"),
 ])
 def test_contradictory_or_unused_settings_are_errors(tiny_dir, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
