@@ -81,7 +81,7 @@ class GenerateConfig:
     timeout: float | None = None  # seconds per attempt
     max_attempts: int | None = None
     backoff: float | None = None  # first backoff in seconds, doubled per attempt up to --backoff_max
-    backoff_max: float | None = None
+    backoff_max: float | None = None  # also caps a server's Retry-After
     price_table: str | None = None
     # local backend
     batch_size: int | None = None
@@ -142,7 +142,7 @@ def read_prompts(cfg: GenerateConfig) -> list[tuple[dict, list[dict]]]:
     whose records arrive typed and with ids."""
     prompts, seen = [], set()
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    source = read_jsonl(cfg.input) if cfg.input.endswith(".jsonl") else \
+    source = read_jsonl(cfg.input) if cfg.input.endswith(".jsonl") and "," not in cfg.input else \
         ((f"id {r['id']}", r) for r in benchmarks.load_all(cfg.input))
     for where, obj in source:
         if not isinstance(obj.get("id"), str):
@@ -315,7 +315,16 @@ def run_local(cfg: GenerateConfig, jobs: list, sink: Sink):
 
 
 def load_prices(cfg: GenerateConfig) -> dict:
-    table = json.loads(Path(cfg.price_table).read_text()) if cfg.price_table else PRICES
+    if not cfg.price_table:
+        return PRICES
+    try:
+        table = json.loads(Path(cfg.price_table).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{cfg.price_table}: cannot read the price table ({e})") from None
+    if not isinstance(table, dict) or not all(isinstance(v, list) and len(v) == 2 and
+                                              all(isinstance(x, (int, float)) for x in v) for v in table.values()):
+        raise DataError(f'{cfg.price_table}: a price table is {{"model prefix": [USD per 1M input tokens, USD per 1M '
+                        'output tokens], ...}')
     return {k: tuple(v) for k, v in table.items()}
 
 

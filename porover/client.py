@@ -221,9 +221,10 @@ class Client:
 
     def _delay(self, attempt: int, server_wait: float | None) -> float:
         """The server's wait when it names one, else exponential backoff; both with jitter (upwards only for
-        the server's wait, which is a minimum) so that clients that failed together do not retry together."""
+        the server's wait, which is a minimum) so that clients that failed together do not retry together.
+        The server's wait is capped at --backoff_max: a day-long Retry-After would stall every request."""
         if server_wait is not None:
-            return server_wait * random.uniform(1.0, 1.1)
+            return min(server_wait, self.backoff_max) * random.uniform(1.0, 1.1)
         return min(self.backoff_max, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
     async def chat(self, messages: list[dict], *, model: str, max_tokens: int | None = None,

@@ -44,6 +44,12 @@ def test_rate_limit_waits_as_told(headers, low, high):
     assert low <= gaps(server.log)[0] < high  # retry-after-ms takes precedence over Retry-After
 
 
+def test_a_server_wait_is_capped_at_backoff_max():
+    with FakeOpenAI(first({"status": 429, "headers": {"Retry-After": "86400"}})) as server:
+        res = client(server, backoff_max=0.3).chat_sync(MSGS, model="m")
+    assert res.status == "ok" and 0.3 <= gaps(server.log)[0] < 0.6
+
+
 def test_server_errors_back_off_up_to_the_limit():
     with FakeOpenAI(always({"status": 503})) as server:
         res = client(server, backoff=0.1, max_attempts=4).chat_sync(MSGS, model="m")
