@@ -591,16 +591,16 @@ def compare(cfg: CompareConfig) -> dict:
     types = tuple(cfg.usefulness_types.split(","))
     judged = [load_judged(Path(r) / "judged.jsonl", cfg.partial_is_refusal) for r in runs]
     names = [Path(r).name for r in runs]
-    base = {(r["benchmark"], r["id"]): r.get("prompt", r.get("messages")) for r in judged[0][0]}
+    prompt = lambda r: r.get("prompt", r.get("messages"))  # noqa: E731
+    base = {(r["benchmark"], r["id"]): prompt(r) for r in judged[0][0]}
     for run_, (rows, _, _) in zip(runs[1:], judged[1:]):
-        if bad := next((r for r in rows if base.get((r["benchmark"], r["id"]), r.get("prompt", r.get("messages")))
-                        != r.get("prompt", r.get("messages"))), None):
+        if bad := next((r for r in rows if base.get((r["benchmark"], r["id"]), prompt(r)) != prompt(r)), None):
             raise DataError(f"{run_}/judged.jsonl: id {bad['id']!r} ({bad['benchmark']}) has another prompt in "
                             f"{runs[0]}/judged.jsonl: paired tests need the same prompts")
     mixed = [k for k in ("refusal", "safety") if len({tuple(u[k]) for _, _, u in judged}) > 1]
-    warning = (f"WARNING: the runs were judged by different {' and '.join(mixed)} judges "
-               f"({'; '.join(f'{n}: ' + ', '.join(j for k in mixed for j in u[k]) for n, (_, _, u) in zip(names, judged))}): "
-               "differences mix the judge with the model.") if mixed else ""
+    by_run = "; ".join(f"{n}: " + ", ".join(j for k in mixed for j in u[k]) for n, (_, _, u) in zip(names, judged))
+    warning = (f"WARNING: the runs were judged by different {' and '.join(mixed)} judges ({by_run}): differences "
+               "mix the judge with the model.") if mixed else ""
     if warning:
         print(warning, file=sys.stderr)
     summaries = [metrics.summarize(rows, types, cfg.n_boot, cfg.seed) for rows, _, _ in judged]

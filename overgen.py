@@ -405,7 +405,9 @@ def generate(cfg: GenerateConfig) -> dict:
         finally:  # also after a fatal error or Ctrl-C: what was done is accounted for
             # tokens and cost_usd are this run's; the *_all_runs totals carry over every run into this output.
             before = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-            tokens_all, cost_all = Counter(before.get("tokens_all_runs", {})), before.get("cost_usd_all_runs", 0.0)
+            # (a summary written before these totals existed holds only its own run's)
+            tokens_all = Counter(before.get("tokens_all_runs", before.get("tokens", {})))
+            cost_all = before.get("cost_usd_all_runs", before.get("cost_usd", 0.0))
             if sink is not None:
                 sink.close()
                 counts.update(sink.counts)

@@ -27,7 +27,9 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> int:
 
     `chat_template`: None keeps the tokenizer's own, "chatml" the default above, else a template file.
     Padding is excluded by the attention and loss masks, never by comparing ids, so pad = EOS (as in
-    SmolLM2) cannot untrain the end of turn; a tokenizer without a pad token gets unk or bos, not EOS.
+    SmolLM2) cannot untrain the end of turn; a tokenizer without a pad token gets unk or bos (GPT-2 style
+    tokenizers: both are EOS, which is fine for that reason; an ordinary token as pad would vanish from decoded
+    text with skip_special_tokens).
     """
     if chat_template == "chatml":
         tokenizer.chat_template = CHATML
@@ -35,10 +37,8 @@ def prepare_tokenizer(tokenizer, chat_template: str | None = None) -> int:
         tokenizer.chat_template = Path(chat_template).read_text()
     if not tokenizer.chat_template:
         raise ValueError("the tokenizer has no chat template (a base model?): pass --chat_template chatml or a file")
-    if tokenizer.pad_token_id is None:  # GPT-2 style tokenizers have unk = bos = eos: skip those
-        tokenizer.pad_token = next((t for t in (tokenizer.unk_token, tokenizer.bos_token,
-                                                tokenizer.convert_ids_to_tokens(0)) if t and t != tokenizer.eos_token),
-                                   tokenizer.eos_token)  # harmless (masks, not ids, exclude padding), but last
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.bos_token or tokenizer.convert_ids_to_tokens(0)
     # Find the end-of-turn token: render a conversation whose answer is a sentinel and read what follows it.
     msgs = [{"role": "user", "content": "hi"}]
     prompt = render(tokenizer, msgs)

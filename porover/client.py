@@ -15,6 +15,7 @@ it, and SDK exceptions are never chained or re-raised: their request objects car
 """
 import asyncio
 import email.utils
+import json
 import os
 import random
 import sys
@@ -143,7 +144,7 @@ class Client:
         self._key = os.environ.get(api_key_env) or None
         if self._key is None and base_url is None:
             raise FatalAPIError(f"no API key: set the environment variable {api_key_env} (keys are never flags)")
-        if self._key and (self._key != self._key.strip() or any(ch.isspace() for ch in self._key)):
+        if self._key and any(ch.isspace() for ch in self._key):
             # a key read from a file keeps its newline; the SDK then fails every request as a dropped connection
             raise FatalAPIError(f"the API key in {api_key_env} contains whitespace (a trailing newline?)")
         self.base_url, self.host = base_url, endpoint_host(base_url)
@@ -151,7 +152,7 @@ class Client:
         self.max_attempts, self.backoff, self.backoff_max = max_attempts, backoff, backoff_max
         self.logprob_positions = logprob_positions
         self.token_param: dict[str, str] = {}  # model -> the max-tokens parameter it was found to take
-        self.refused: set[tuple[str, str]] = set()  # (model, "n" | "seed") the server refused; mapped, not sent
+        self.refused: set[tuple[str, str]] = set()  # (model, param) the server refused; mapped, not sent
         self.stats = Counter()  # requests sent and retries by cause, for summaries
 
     def __repr__(self):
@@ -180,7 +181,8 @@ class Client:
             p[self.token_param.get(model, default)] = max_tokens
         for name, value in (("temperature", temperature), ("top_p", top_p), ("n", n if n != 1 else None),
                             ("seed", seed)):
-            if value is not None and (model, name) not in self.refused:
+            # A refused temperature or top_p is dropped only at 1, the API's default (see _adapt).
+            if value is not None and not ((model, name) in self.refused and (name in ("n", "seed") or value == 1)):
                 p[name] = value
         if logprobs:
             p["logprobs"], p["top_logprobs"] = True, logprobs
@@ -201,7 +203,7 @@ class Client:
         model = p["model"]
         if param in TOKEN_PARAMS:
             self.token_param[model] = TOKEN_PARAMS[1 - TOKEN_PARAMS.index(param)]
-        elif param in ("n", "seed") or param in ("temperature", "top_p") and p[param] == 1:
+        elif param in ("n", "seed") or (param in ("temperature", "top_p") and p[param] == 1):
             self.refused.add((model, param))
             print(f"{self.host} refuses `{param}` for {model}: "
                   + ("one completion per request from now on" if param == "n" else f"sending no {param} from now on"),
@@ -238,13 +240,12 @@ class Client:
             p = self.params(messages, model, max_tokens, temperature, top_p, n, seed, logprobs)
             est = estimate_tokens(messages) + (max_tokens or 0) * n
             attempt += 1
+            failure = None  # (kind, status, text, server_wait, label) of a failed attempt
             try:
                 async with self._sem:
                     await self._admit(est)
                     self.stats["requests"] += 1
                     resp = await self._sdk.chat.completions.create(**p)
-                choices = [self._choice(c) for c in sorted(resp.choices, key=lambda c: c.index)]
-                usage = resp.usage.model_dump(exclude_none=True) if resp.usage else None
             except openai.APIError as e:
                 kind = classify(e)
                 status = getattr(e, "status_code", None)
@@ -253,17 +254,23 @@ class Client:
                     continue  # send again with the parameter mapped
                 if kind == "fatal":
                     raise FatalAPIError(f"{self.host}: {text}") from None
-                server_wait, label = retry_after(e.response.headers) if status else None, status or type(e).__name__
-            except (ValueError, TypeError, AttributeError, KeyError) as e:
-                # A 200 that is no chat completion (a proxy's HTML page, JSON cut short, an error object):
-                # the server's fault, usually passing, so retried like a dropped connection.
-                kind, status, server_wait, label = "transient", None, None, "malformed_response"
-                text = self.redact(f"malformed response ({type(e).__name__}: {e})"[:300])
-            else:
-                if self._tpm and usage:  # settle the estimate against what the server counted
-                    self._tpm.level += est - usage.get("total_tokens", est)
-                return Result("ok", choices, usage, resp.model, p.get("seed"), attempts=attempt,
-                              latency=time.monotonic() - t0)
+                failure = (kind, status, text, retry_after(e.response.headers) if status else None,
+                           status or type(e).__name__)
+            except json.JSONDecodeError as e:
+                resp = f"JSON cut short ({e})"
+            if failure is None:
+                choices = getattr(resp, "choices", None)
+                if isinstance(choices, list) and all(getattr(c, "message", None) is not None for c in choices):
+                    usage = resp.usage.model_dump(exclude_none=True) if resp.usage else None
+                    if self._tpm and usage:  # settle the estimate against what the server counted
+                        self._tpm.level += est - usage.get("total_tokens", est)
+                    return Result("ok", [self._choice(c) for c in sorted(choices, key=lambda c: c.index)], usage,
+                                  resp.model, p.get("seed"), attempts=attempt, latency=time.monotonic() - t0)
+                # A 200 that is no chat completion (a proxy's HTML page, JSON cut short, an error object): the
+                # server's fault and usually passing, so retried like a dropped connection.
+                failure = ("transient", None, self.redact(f"malformed response: {str(resp)[:200]}"), None,
+                           "malformed_response")
+            kind, status, text, server_wait, label = failure
             if kind == "permanent" or attempt >= self.max_attempts:
                 return Result("failed", seed=p.get("seed"), error=text, error_class=kind, attempts=attempt,
                               latency=time.monotonic() - t0)

@@ -1,8 +1,10 @@
 """What both trainers share: the common flags, the learning-rate schedule, the data order and how each
 global batch is split over micro-steps and ranks, resuming, and the metrics file."""
 import dataclasses
+import functools
 import json
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +63,6 @@ def config_errors(cfg: TrainConfig) -> list[str]:
         errors.append("--max_prompt_length must be at least 1 and leave room for a response within --max_length")
     if not cfg.max_grad_norm > 0:
         errors.append("--max_grad_norm must be positive (0 would zero every update, a negative one reverse it)")
-    if cfg.resume and not cfg.save_every:
-        errors.append("--resume needs --save_every: without checkpoints there is nothing to resume from next time")
     for k in ("batch_size", "grad_accum", "max_length", "epochs", "max_steps", "eval_every", "save_every",
               "export_every", "keep_last", "log_every"):
         if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
@@ -166,8 +166,14 @@ def mfu(flops_token: int, tokens: float, step_time: float, world: int) -> dict:
 def run_config(cfg: TrainConfig, world: int) -> dict:
     """The config a checkpoint records and a resume compares: the flags, the global batch and the training
     data's hash (the same path with other contents would continue from a data position that means nothing)."""
+    stat = os.stat(cfg.data)
     return {**dataclasses.asdict(cfg), "global_batch": cfg.batch_size * cfg.grad_accum * world,
-            "data_sha256": sha256(cfg.data)}
+            "data_sha256": data_hash(cfg.data, stat.st_size, stat.st_mtime_ns)}
+
+
+@functools.cache
+def data_hash(path: str, size: int, mtime_ns: int) -> str:
+    return sha256(path)  # once per file version, not at every save
 
 
 def save_and_export(cfg: TrainConfig, step, max_steps, model, optimizer, tokenizer, samples_seen, meta):
@@ -188,10 +194,18 @@ def resume(cfg: TrainConfig, model, optimizer) -> tuple[int, int, bool]:
                          "another --out_dir")
     path = checkpoint.latest(root) if cfg.resume else None
     if path is None:
+        if cfg.resume and not cfg.save_every:  # a requeued job would start from scratch every time
+            raise ValueError(f"--resume with no checkpoint in {root} and no --save_every: nothing would ever be "
+                             "resumed; pass --save_every")
         if cfg.resume:
             dist.print0(f"--resume: no complete checkpoint in {root}, starting from scratch")
         return 0, 0, False
-    checkpoint.check_config(json.loads((path / "state.json").read_text())["config"], run_config(cfg, dist.world_size()))
+    saved = json.loads((path / "state.json").read_text())["config"]
+    current = run_config(cfg, dist.world_size())
+    if "data_sha256" not in saved:  # a checkpoint from before the hash was recorded: nothing to compare with
+        dist.print0(f"{path}: no data hash recorded; resuming without checking that {cfg.data} is unchanged")
+        saved["data_sha256"] = current["data_sha256"]
+    checkpoint.check_config(saved, current)
     state = checkpoint.load(path, model, optimizer)
     dist.print0(f"resumed from {path} at step {state['step']}, global sample {state['samples_seen']}")
     return state["step"], state["samples_seen"], True

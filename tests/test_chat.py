@@ -107,16 +107,6 @@ def test_a_pair_identical_after_truncation_is_skipped_and_counted(smol_tok):
     assert len(items) == 1 and counts["identical_after_truncation"] == 1
 
 
-def test_a_gpt2_style_tokenizer_gets_a_pad_that_is_not_eos(tmp_path):
-    from tokenizers import Tokenizer, models as tok_models
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"!": 0, "a": 1, "<|endoftext|>": 2}  # GPT-2: id 0 is "!", the one special token is last
-    base = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel(vocab, unk_token="<|endoftext|>")),
-                                   bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    chat.prepare_tokenizer(base, "chatml")
-    assert base.pad_token is not None and base.pad_token != base.eos_token
-
-
 def test_tokenize_sft_counts_skips(smol_tok):
     tok, eot = smol_tok
     examples = [{"prompt": PROMPT, "response": "Red."}, {"prompt": [{"role": "user", "content": "x " * 400}],

@@ -104,6 +104,14 @@ def test_resume_refuses_a_changed_config(tiny_dir, straight, tmp_path):
     edited.write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(ValueError, match=r"data_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
         train_sft.main(cfg_for(tiny_dir, str(edited), tmp_path / "e", max_steps=4, resume=True))
+    state = tmp_path / "e/checkpoints/step_00000003/state.json"  # as written before the hash was recorded
+    saved = json.loads(state.read_text())
+    del saved["config"]["data_sha256"]
+    state.write_text(json.dumps(saved))
+    train_sft.main(cfg_for(tiny_dir, str(edited), tmp_path / "e", max_steps=4, resume=True))
+    # --resume with nothing to resume and no --save_every would restart from scratch at every requeue
+    with pytest.raises(ValueError, match="no --save_every: nothing would ever be resumed"):
+        train_sft.main(cfg_for(tiny_dir, data, tmp_path / "f", max_steps=3, resume=True, save_every=None))
 
 
 def test_final_export_reloads_with_tied_weights(straight):
@@ -123,7 +131,6 @@ def test_final_export_reloads_with_tied_weights(straight):
     (dict(max_prompt_length=127), "--max_prompt_length"),
     (dict(max_prompt_length=0), "--max_prompt_length must be at least 1"),
     (dict(max_grad_norm=0.0), "--max_grad_norm must be positive"),
-    (dict(resume=True, save_every=None), "--resume needs --save_every"),
 ])
 def test_contradictory_or_unused_settings_are_errors(tiny_dir, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
