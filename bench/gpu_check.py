@@ -40,7 +40,7 @@ SHAPES = {"1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads
 
 
 def text_of(tokenizer, n_tokens, rng):
-    words = [w for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha()]
+    words = sorted(w for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha())  # get_vocab: any order
     return " ".join(rng.choice(words)[1:] for _ in range(n_tokens))
 
 

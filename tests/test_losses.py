@@ -3,9 +3,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from porover import chat
-from porover.losses import sequence_logps, sft_loss, token_logps
+from porover.losses import LabelLogps, sequence_logps, sft_loss, token_logps
 from tests.conftest import tiny_llama
 
 
@@ -91,3 +92,23 @@ def test_token_logps_zero_outside_mask():
     mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
     out = token_logps(logits, ids, mask)
     assert out.shape == (2, 4) and out[0, 0] == 0 and out[0, 3] == 0 and (out[1] < 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_label_logps_matches_cross_entropy_in_values_and_gradient(dtype, monkeypatch):
+    """LabelLogps (which keeps no fp32 copy of the logits) against the plain fp32 cross-entropy it replaced, in
+    chunks of 3 rows with a remainder (10 rows), for fp32 and bf16 logits: the same log-probs (bit for bit: the
+    same log-softmax per row) and the same gradient (up to fp32 rounding of logsumexp, and bf16 rounding)."""
+    monkeypatch.setattr(LabelLogps, "CHUNK", 3 * 50)
+    torch.manual_seed(0)
+    x = (torch.randn(10, 50) * 4).to(dtype).requires_grad_()
+    y, w = torch.randint(0, 50, (10,)), torch.randn(10)
+    lean = LabelLogps.apply(x, y)
+    (lean * w).sum().backward()
+    g_lean, x.grad = x.grad, None
+    plain = -F.cross_entropy(x.float(), y, reduction="none")
+    (plain * w).sum().backward()
+    assert lean.dtype == torch.float32 and torch.equal(lean, plain)
+    assert g_lean.dtype == dtype and torch.allclose(g_lean.float(), x.grad.float(), rtol=1e-2 if dtype == torch.bfloat16
+                                                    else 1e-5, atol=1e-6)
+    assert torch.allclose(g_lean.float().sum(-1), torch.zeros(10), atol=1e-2)  # softmax - onehot sums to 0 per row
