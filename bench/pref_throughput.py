@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.steps < 3:
+        ap.error("--steps must be at least 3: the first 2 steps are warm-up, excluded from the medians")
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps)))
         return

@@ -70,6 +70,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--full_length", action="store_true", help="every sequence 256 tokens (answers repeated)")
     args = ap.parse_args()
+    if args.steps < 3:
+        ap.error("--steps must be at least 3: the first 2 steps are warm-up, excluded from the medians")
     if args.worker:
         data = "data/demo/sft_seed.jsonl"
         if args.full_length:
