@@ -21,9 +21,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from porover import chat, dist, models, reference
-from porover.config import parse, provenance, write_json
+from porover.config import parse, provenance
 from porover.data import format_counts, read_pref
 from porover.losses import PREFERENCE_LOSSES, nll_term
+from porover.store import write_json
 from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, decoder_layers,
                               disable_dropout, finish, flops_per_token, global_batch, grad_sync, lr_at, mfu,
                               precision, resume, save_and_export, shard, steps_per_epoch, wrap)

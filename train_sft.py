@@ -17,9 +17,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from porover import chat, dist, models
-from porover.config import parse, provenance, write_json
+from porover.config import parse, provenance
 from porover.data import format_counts, read_sft
 from porover.losses import sft_loss
+from porover.store import write_json
 from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, finish, flops_per_token,
                               global_batch, grad_sync, lr_at, mfu, precision, resume, save_and_export,
                               steps_per_epoch, wrap)

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from porover import dist
-from porover.config import write_json
+from porover.store import write_json
 
 # Settings that may change on --resume; any other change is refused (the run would silently differ).
 # batch_size and grad_accum may change with the world size as long as the global batch stays the same.

@@ -6,7 +6,6 @@ file is ever executed or evaluated.
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -61,14 +60,3 @@ def provenance(inputs: dict[str, str | None], **extra) -> dict:
     return {"git_commit": commit, "git_dirty": dirty, "python": sys.version.split()[0], "packages": versions,
             "host": platform.node(), "input_sha256": {k: sha256(v) for k, v in inputs.items() if v and os.path.isfile(v)},
             **extra}
-
-
-def write_text(path, text: str):
-    """Write through a temporary file and rename: a reader never sees half a file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
