@@ -25,9 +25,10 @@ from porover.config import parse, provenance
 from porover.data import format_counts, read_pref
 from porover.losses import PREFERENCE_LOSSES, nll_term
 from porover.store import write_json
-from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, decoder_layers,
-                              disable_dropout, finish, flops_per_token, global_batch, grad_sync, lr_at, mfu,
-                              precision, resume, save_and_export, shard, steps_per_epoch, wrap)
+from porover.parallel import (clip_grad_norm, decoder_layers, disable_dropout, flops_per_token, grad_sync, mfu,
+                              precision, shard, wrap)
+from porover.training import (MetricsFile, TrainConfig, config_errors, finish, global_batch, lr_at, resume,
+                              save_and_export, steps_per_epoch)
 
 
 @dataclass
@@ -207,7 +208,7 @@ def main(cfg: Config):
         if not cfg.ref_offload:
             ref_model.to(device)
         if cfg.strategy == "fsdp":
-            ref_model = shard(ref_model, cfg, dtype, offload=cfg.ref_offload)
+            ref_model = shard(ref_model, dtype, offload=cfg.ref_offload)
     if ref_model is not None and cfg.precompute_ref:
         cache = out / "ref_logps" / f"{fingerprint}.safetensors"
         everything = pairs + eval_pairs

@@ -21,9 +21,9 @@ from porover.config import parse, provenance
 from porover.data import format_counts, read_sft
 from porover.losses import sft_loss
 from porover.store import write_json
-from porover.training import (MetricsFile, TrainConfig, clip_grad_norm, config_errors, finish, flops_per_token,
-                              global_batch, grad_sync, lr_at, mfu, precision, resume, save_and_export,
-                              steps_per_epoch, wrap)
+from porover.parallel import clip_grad_norm, flops_per_token, grad_sync, mfu, precision, wrap
+from porover.training import (MetricsFile, TrainConfig, config_errors, finish, global_batch, lr_at, resume,
+                              save_and_export, steps_per_epoch)
 
 
 @dataclass

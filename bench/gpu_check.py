@@ -6,11 +6,12 @@
     python bench/gpu_check.py --tokenizer DIR   # where the embedded model is not installed (a bare GPU box)
 
 Random initialisation (no download); the embedded SmolLM2 tokenizer writes the data, whose ids all fall
-inside the larger vocabulary. MFU follows the SPEC §6 definition (porover.training.flops_per_token) against
-989 TFLOP/s for an H100/H200. Four runs: SFT (which also writes a DCP checkpoint and the export), DPO with
-the online reference, SFT with --compile, and a few DPO steps with --ref_offload (CUDA only). Reported per
-run: median tokens/s and MFU over steps 5.., peak GPU memory, the first loss (DPO's is ln 2 = 0.6931 when
-policy = reference) and wall time; a run that fails prints its traceback and the next one still runs.
+inside the larger vocabulary. MFU counts 6N FLOPs per trained token, +2N with the online reference
+(porover.parallel.flops_per_token), against 989 TFLOP/s for an H100/H200. Four runs: SFT (which also
+writes a DCP checkpoint and the export), DPO with the online reference, SFT with --compile, and a few DPO
+steps with --ref_offload (CUDA only). Reported per run: median tokens/s and MFU over steps 5.., peak GPU
+memory, the first loss (DPO's is ln 2 = 0.6931 when policy = reference) and wall time; a run that fails
+prints its traceback and the next one still runs.
 """
 import argparse
 import json

@@ -1,26 +1,26 @@
-"""What both trainers share: the common flags, the learning-rate schedule, the data order and how each
-global batch is split over micro-steps and ranks, resuming, and the metrics file."""
+"""What both trainers share besides parallelism (porover.parallel): the common flags, the learning-rate
+schedule, the data order and how each global batch is split over micro-steps and ranks, resuming, and the
+metrics file."""
 import dataclasses
 import functools
 import json
 import math
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from porover import checkpoint, dist
-from porover.config import sha256
 from porover.chat import length_grouped_order
+from porover.config import sha256
+from porover.store import cut_torn_line
 
 
 @dataclass
 class TrainConfig:
-    """Flags shared by train_sft.py and train_pref.py (SPEC §10)."""
+    """Flags shared by train_sft.py and train_pref.py (README "Distributed training" for the parallel ones)."""
     model: str = "smollm2-135m"
     data: str = ""
     eval_data: str | None = None
@@ -51,7 +51,7 @@ class TrainConfig:
 
 
 def config_errors(cfg: TrainConfig) -> list[str]:
-    """Contradictory or unused settings: each is an error, never a silent no-op (SPEC §9.11)."""
+    """Contradictory or unused settings: each is an error, never a silent no-op."""
     errors = []
     if cfg.epochs is not None and cfg.max_steps is not None:
         errors.append("give --epochs or --max_steps, not both")
@@ -74,93 +74,6 @@ def config_errors(cfg: TrainConfig) -> list[str]:
     if cfg.compile and cfg.grad_checkpointing:
         errors.append("--compile with --grad_checkpointing is not supported: choose one")
     return errors
-
-
-def shard(model, cfg: TrainConfig, dtype: str, offload: bool = False):
-    """FSDP2: fully_shard each decoder layer, then the root (which owns embeddings, final norm and lm_head,
-    so tied weights stay in one unit). bf16 compute with fp32 master weights and fp32 gradient reduction."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bf16" else None, reduce_dtype=torch.float32)
-    kw = {"mp_policy": mp, "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
-    for layer in decoder_layers(model):
-        fully_shard(layer, **kw)
-    return fully_shard(model, **kw)
-
-
-def decoder_layers(model) -> list:
-    """The repeated blocks of a transformers model (the classes it names in `_no_split_modules`)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers to shard or compile")
-    return layers
-
-
-def disable_dropout(model):
-    """Every dropout of a transformers model set to 0 (nn.Dropout modules and the attention's float rate)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-    return model
-
-
-def wrap(model, cfg: TrainConfig, device, world, dtype: str):
-    """Gradient checkpointing, compilation and data parallelism (DDP or FSDP2) around the fp32 master model."""
-    if cfg.grad_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        for layer in decoder_layers(model):
-            layer.compile()
-    model.train()
-    if cfg.strategy == "fsdp":
-        return shard(model, cfg, dtype)
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-
-
-def grad_sync(model, last: bool):
-    """Gradients are reduced across ranks only at the last micro-step (nanoGPT's trick, for DDP and FSDP2)."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(last)
-        return nullcontext()
-    return nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
-
-
-def clip_grad_norm(model, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP2
-
-
-def precision(cfg: TrainConfig, device):
-    """(dtype name, autocast context): bf16 compute over fp32 master weights on CUDA by default, fp32 on
-    CPU. Under FSDP2 its mixed-precision policy casts instead of autocast. Log-softmax and log-prob sums
-    stay fp32 either way (porover.losses)."""
-    dtype = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    return dtype, torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16" and cfg.strategy == "ddp")
-
-
-# Dense bf16 peak FLOP/s per device (SXM parts), for MFU; other devices report no MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def flops_per_token(model, online_reference: bool) -> int:
-    """MFU's numerator per trained token: 6N (forward and backward) + 2N for an online reference forward,
-    N = parameters without the input embedding but with lm_head (counted even when tied to it)."""
-    inner = getattr(model, "module", model)
-    n = sum(p.numel() for p in inner.parameters())  # tied weights are listed once: as lm_head
-    if not getattr(inner.config, "tie_word_embeddings", False):
-        n -= inner.get_input_embeddings().weight.numel()
-    return (6 + 2 * online_reference) * n
-
-
-def mfu(flops_token: int, tokens: float, step_time: float, world: int) -> dict:
-    """{"mfu": achieved / peak FLOP/s} on a CUDA device with a known peak, else {} (CPU: no MFU)."""
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    return {"mfu": flops_token * tokens / step_time / (peak * world)} if peak else {}
 
 
 def run_config(cfg: TrainConfig, world: int) -> dict:
@@ -266,10 +179,9 @@ class MetricsFile:
     def __init__(self, path: Path, resume_step: int | None, active: bool):
         self.path, self.active = path, active
         if active and resume_step is not None and path.exists():
-            lines = path.read_text().splitlines(keepends=True)
-            if lines and not lines[-1].endswith("\n"):  # a torn last line, left by a kill mid-write
+            if cut_torn_line(path):  # a torn last line, left by a kill mid-write
                 print(f"{path}: dropped a torn last line")
-                lines = lines[:-1]
+            lines = path.read_text().splitlines(keepends=True)
             path.write_text("".join(r for r in lines if r.strip() and json.loads(r)["step"] <= resume_step))
         elif active and resume_step is None:
             path.write_text("")

@@ -165,7 +165,7 @@ def test_flops_per_token_counts_lm_head_not_the_input_embedding():
     """Tiny Llama, tied: N = all parameters (the shared matrix listed once, as lm_head) = 6N per token;
     untied: the separate input embedding (49152 x 32) is not counted. +2N with an online reference."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from porover.training import flops_per_token
+    from porover.parallel import flops_per_token
     tied = tiny_llama()
     n = sum(p.numel() for p in tied.parameters())
     assert flops_per_token(tied, online_reference=False) == 6 * n
