@@ -222,7 +222,7 @@ def test_torn_last_line_is_truncated_and_counted(tmp_path):
 def test_dry_run_calls_nothing_and_labels_its_estimate(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")  # no key needed to estimate
     with FakeOpenAI() as server:
-        cfg = cfg_for(server, tmp_path, n=3, dry_run=True, max_tokens=100)
+        cfg = cfg_for(server, tmp_path, n=3, dry_run=True, max_new_tokens=100)
         summary = overgen.main(cfg)
     est = summary["dry_run"]
     assert not server.log and not Path(cfg.output).exists()
@@ -308,7 +308,7 @@ def one_thread():
 
 def test_local_backend_gives_n_candidates_per_prompt(tmp_path, smol_path, one_thread):
     cfg = overgen.GenerateConfig(input=prompts_file(tmp_path, ["Name a colour.", "Say hello."]), backend="local",
-                                 output=str(tmp_path / "local.jsonl"), teacher_model=smol_path, n=2, max_tokens=16,
+                                 output=str(tmp_path / "local.jsonl"), model=smol_path, n=2, max_new_tokens=16,
                                  batch_size=4, system_prompt="Be brief.")
     summary = overgen.main(cfg)
     recs = records(cfg.output)

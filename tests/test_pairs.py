@@ -148,7 +148,7 @@ PROMPTS = [
 def write(tmp_path, name, role, rows=PROMPTS, model="model", shuffle=None):
     path = tmp_path / f"{name}.jsonl"
     lines = [json.dumps({"id": pid, "prompt": prompt, "type": ptype, "slot": slot, "key": f"{pid}-{role}-{slot}",
-                         "text": text, "status": "ok", "finish_reason": "stop", "teacher_model": model})
+                         "text": text, "status": "ok", "finish_reason": "stop", "gen_model": model})
              for pid, prompt, ptype, s, t in rows if role == "student" or pid != "s5"
              for slot, text in enumerate(s if role == "student" else t)]
     if shuffle is not None:  # generate writes records in the order their requests finish
@@ -211,17 +211,19 @@ def test_without_anchor_ratio_toxic_prompts_are_skipped_and_counted(tmp_path):
 def test_served_judges_are_cached_and_the_safety_filter_applies(tmp_path, monkeypatch):
     monkeypatch.setattr(openai_server, "reply_text", openai_server.judge_reply)
     with FakeOpenAI() as server:
-        kw = {"judge": "llm", "judge_model": "judge-1", "base_url": server.base_url, "safety_judge": "llamaguard",
+        kw = {"judge": "llm", "judge_model": "judge-1", "judge_base_url": server.base_url, "safety_judge": "llamaguard",
               "safety_model": "guard-1", "safety_base_url": server.base_url, "anchor_ratio": 1.0, "tau_safe": 0.9}
         summary, rows, _ = run_pairs(tmp_path, **kw)
         calls = len(server.log)
         # The refusal judge on the 22 student samples left, Llama Guard on the 8 of them that answer toxic prompts
-        # (anchors), both judges on the 8 teacher candidates left.
-        assert calls == 22 + 8 + 2 * 8
+        # (anchors), both judges on the 8 teacher candidates left, less the 5 + 1 teacher texts that a student sample
+        # of the same prompt already had judged (the cache keys on judge, conversation and text).
+        assert calls == 22 + 8 + 2 * 8 - 6
         again, rows2, _ = run_pairs(tmp_path, **kw)
         assert len(server.log) == calls and rows2 == rows  # a rerun asks no judge again
     c = summary["counts"]
-    assert c["student_refusal_judged"] == 22 and c["student_safety_judged"] == 8 and c["teacher_safety_judged"] == 8
+    assert c["student_refusal_judged"] == 22 and c["student_safety_judged"] == 8
+    assert (c["teacher_refusal_cached"], c["teacher_safety_cached"], c["teacher_safety_judged"]) == (5, 1, 7)
     assert c["teacher_safety_p_unsafe_null"] == 0
     assert [r["id"] for r in rows] == ["s1", "t1"] and "pairs_chosen_safety_filter_skipped_no_judge" not in c
     assert rows[0]["pair"]["chosen_p_unsafe"] == 0.0 and rows[1]["rejected"].startswith("Sure")
@@ -244,7 +246,7 @@ def test_a_local_llamaguard_is_loaded_once_for_student_and_teacher(tmp_path, smo
     summary, rows, _ = run_pairs(tmp_path, anchor_ratio=1.0, safety_judge="llamaguard",
                                  safety_model=str(tmp_path / "guard"))
     c = summary["counts"]
-    assert c["student_safety_judged"] == 8 and c["teacher_safety_judged"] == 8
+    assert c["student_safety_judged"] == 8 and c["teacher_safety_judged"] + c["teacher_safety_cached"] == 8
     assert len(loads) == 1 and len(seen) == 1
     assert [r["id"] for r in rows] == ["s1", "t1"] and rows[1]["pair"]["rejected_p_unsafe"] == 0.9
 
@@ -268,7 +270,7 @@ def test_prompt_mismatch_missing_slot_and_bad_flags_are_errors(tmp_path):
 
 
 def test_pairs_flags_parse_from_the_command_line():
-    cfg = overgen.parse_judged(overgen.PairsConfig, ["--student", "s.jsonl", "--teacher", "t.jsonl", "--output", "p.jsonl",
+    cfg = overgen.parse_chooser(overgen.PairsConfig, ["--student", "s.jsonl", "--teacher", "t.jsonl", "--output", "p.jsonl",
                                                      "--eval_files", "a.jsonl", "b.csv", "--tau_refusal", "0.75"])
     assert (cfg.eval_files, cfg.tau_refusal, cfg.k_student) == (("a.jsonl", "b.csv"), 0.75, 4)
 
@@ -281,7 +283,7 @@ def test_an_anchor_whose_refusal_judgement_failed_is_still_written(tmp_path, mon
             return {"status": 400, "error": {"message": "bad request", "type": "invalid_request_error", "code": None}}
     monkeypatch.setattr(openai_server, "reply_text", openai_server.judge_reply)
     with FakeOpenAI(fail_on_unsafe_sample) as server:
-        summary, rows, _ = run_pairs(tmp_path, judge="llm", judge_model="judge-1", base_url=server.base_url,
+        summary, rows, _ = run_pairs(tmp_path, judge="llm", judge_model="judge-1", judge_base_url=server.base_url,
                                      safety_judge="llamaguard", safety_model="guard-1", safety_base_url=server.base_url,
                                      anchor_ratio=1.0)
     assert summary["counts"]["student_refusal_failed"] == 1 and summary["counts"]["student_label_judge_failed"] == 1

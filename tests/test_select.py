@@ -48,7 +48,7 @@ def write_candidates(tmp_path, groups=CANDIDATES):
     path = tmp_path / "cand.jsonl"
     lines = [json.dumps({"id": pid, "prompt": prompt, "type": ptype, "category": "demo", "slot": slot,
                          "key": f"{pid}-{slot}", "text": text, "status": status, "finish_reason": finish,
-                         "teacher_model": "gpt-4o"})
+                         "gen_model": "gpt-4o"})
              for pid, prompt, ptype, cands in groups for slot, (text, status, finish) in enumerate(cands)]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -112,7 +112,7 @@ def test_random_is_seeded_and_reproducible(tmp_path):
 def test_llm_and_served_llamaguard_judges_are_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(openai_server, "reply_text", openai_server.judge_reply)
     with FakeOpenAI() as server:
-        kw = {"judge": "llm", "judge_model": "judge-1", "base_url": server.base_url, "safety_judge": "llamaguard",
+        kw = {"judge": "llm", "judge_model": "judge-1", "judge_base_url": server.base_url, "safety_judge": "llamaguard",
               "safety_model": "guard-1", "safety_base_url": server.base_url}
         summary, rows, _ = run(tmp_path, **kw)
         assert len(server.log) == 16  # the 8 candidates left after decontamination and filters, by 2 judges
@@ -213,7 +213,7 @@ def test_decontam_tests_and_thresholds(tmp_path):
 
 
 def test_eval_files_flag_takes_several_paths_and_repeats():
-    cfg = overgen.parse_judged(overgen.SelectConfig, ["--input", "c.jsonl", "--eval_files", "a.jsonl", "b.csv", "--output", "o.jsonl",
+    cfg = overgen.parse_chooser(overgen.SelectConfig, ["--input", "c.jsonl", "--eval_files", "a.jsonl", "b.csv", "--output", "o.jsonl",
                                 "--eval_files", "c.csv", "--strategy", "random"])
     assert cfg.eval_files == ("a.jsonl", "b.csv", "c.csv") and cfg.output == "o.jsonl" and cfg.strategy == "random"
 
