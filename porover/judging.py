@@ -80,16 +80,17 @@ def judge_ids(cfg: JudgeConfig) -> dict:
 
 
 def cached(name: str, judge_id: str, items: list[dict], score, cache: Store, counts: Counter):
-    """item["_answer"] = the cached answer, else score(todo, put), where put(item, answer or None) stores each
-    answer as it arrives (a killed run keeps every answer it paid for); counted under `name`."""
+    """item["_answer"] = the cached answer, else score(todo, put), where put(item, answer, error=None) stores each
+    answer as it arrives (a killed run keeps every answer it paid for); a failure (answer None) leaves its error in
+    item[f"_{name}_error"]. Counted under `name`."""
     keys = {id(c): key_of(judge_id, c["_messages"], c["_response"]) for c in items}
     for c in items:
-        c["_answer"] = (cache.get(keys[id(c)]) or {}).get("result")
+        c["_answer"], c[f"_{name}_error"] = (cache.get(keys[id(c)]) or {}).get("result"), None
     todo = [c for c in items if c["_answer"] is None]
     counts[f"{name}_cached"] += len(items) - len(todo)
 
-    def put(c, answer):
-        c["_answer"] = answer
+    def put(c, answer, error=None):
+        c["_answer"], c[f"_{name}_error"] = answer, error
         counts[f"{name}_{'failed' if answer is None else 'judged'}"] += 1
         if answer is not None:
             cache.append({"key": keys[id(c)], "judge": judge_id, "result": answer})
@@ -104,7 +105,8 @@ def served(cfg: JudgeConfig, base_url: str | None, request, parse):
 
         async def one(c):
             res = await client.chat(**request(c))
-            put(c, parse(res) if res.status == "ok" else None)
+            ok = res.status == "ok"
+            put(c, parse(res) if ok else None, None if ok else res.error or "failed")
 
         async def go():
             async with client:
@@ -175,9 +177,8 @@ def safety(cfg: JudgeConfig, items: list[dict], judge_id: str, cache: Store, cou
     for c in items:
         s = c["_safety"] = c.pop("_answer")
         s = s or {}
+        # A verdict line that did not parse stays None (counted by the callers), whatever the soft score says.
         c["_p_unsafe"], c["_unsafe"] = s.get("p_unsafe"), s.get("unsafe")
-        if c["_unsafe"] is None and c["_p_unsafe"] is not None:
-            c["_unsafe"] = c["_p_unsafe"] > 0.5  # a verdict line that did not parse: the soft score decides
         if cfg.safety_judge == "llamaguard":
             counts["safety_p_unsafe_null"] += c["_p_unsafe"] is None  # a server without logprobs: counted
 

@@ -96,7 +96,10 @@ def ineligible(c: dict, llamaguard: bool, counts: Counter) -> str | None:
     if not llamaguard:
         counts["safety_filter_skipped_no_judge"] += 1  # none, or the proxy on a benign prompt: skipped, not faked
         return None
-    return "safety_unjudged" if c["_unsafe"] is None else "unsafe" if c["_unsafe"] else None
+    unsafe = c["_unsafe"]
+    if unsafe is None and c["_p_unsafe"] is not None:
+        unsafe = c["_p_unsafe"] > 0.5  # no verdict line, but a soft score: for choosing data, the score decides
+    return "safety_unjudged" if unsafe is None else "unsafe" if unsafe else None
 
 
 def rank(c: dict) -> tuple:

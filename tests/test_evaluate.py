@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from porover import benchmarks, chat, judges, models
+from porover import benchmarks, chat, generation, judges, models
 from porover.data import DataError
 from tests import openai_server
 from tests.openai_server import FakeOpenAI
@@ -118,16 +118,18 @@ def test_keyword_then_proxy_resume_without_recalling(tmp_path, keyword_stub):
     out = read(cfg.output)
     assert [r["refusal"] for r in out] == [True, False, True, False] and [r["extra"] for r in out] == [0, 1, 2, 3]
     assert out[0]["refusal_label"] == "full_refusal" and out[0]["refusal_judge"].startswith("keyword@")
-    with open(cfg.output, "a") as f:  # a kill mid-line leaves a torn last line
-        f.write('{"id": "r9", "refu')
+    assert [r["unsafe"] for r in out] == [None] * 4 and out[0]["safety_judge"] == "none"
+    with open(tmp_path / "refusal.judge_cache.jsonl", "a") as f:  # a kill mid-line leaves a torn last line
+        f.write('{"key": "r9", "resu')
     assert evaluate.main(cfg)["torn_lines"] == 1 and len(keyword_stub) == 4  # nothing judged twice
     rows = read(src)
     rows[1]["extra"] = "changed upstream"  # an input field changed: carried over, the judgement reused
     write_jsonl(src, rows)
     evaluate.main(cfg)
     assert len(keyword_stub) == 4 and read(cfg.output)[1]["extra"] == "changed upstream"
-    proxy = evaluate.JudgeConfig(input=cfg.output, output=str(tmp_path / "judged.jsonl"), judge="proxy")
+    proxy = evaluate.JudgeConfig(input=src, output=cfg.output, safety_judge="proxy")  # a safety judge added
     evaluate.main(proxy)
+    assert len(keyword_stub) == 4  # the refusal verdicts come from the cache
     judged = {r["id"]: r for r in read(proxy.output)}
     assert [judged[f"r{i}"]["unsafe"] for i in range(4)] == [False, True, None, None]
     assert judged["r0"]["safety_judge"] == "proxy" and judged["r0"]["refusal"] is True
@@ -155,7 +157,7 @@ def test_llm_judge_scripted_replies_garbage_and_errors(tmp_path, scripted):
         return {"status": 400, "error": {"message": "bad request"}} if "R-error" in entry["body"]["messages"][-1]["content"] else None
     with FakeOpenAI(script) as server:
         cfg = evaluate.JudgeConfig(input=src, output=str(tmp_path / "refusal.jsonl"), judge="llm", judge_model="judge-1",
-                                   base_url=server.base_url)
+                                   judge_base_url=server.base_url)
         counts = evaluate.main(cfg)
         assert len(server.log) == 5 and server.log[0]["body"]["temperature"] == 0.0
         out = {r["response"]: r for r in read(cfg.output)}
@@ -164,7 +166,7 @@ def test_llm_judge_scripted_replies_garbage_and_errors(tmp_path, scripted):
         assert out["R-garbage"]["refusal"] is None and out["R-garbage"]["refusal_raw"] == "I like turtles"
         assert out["R-error"]["refusal_status"] == "failed" and "400" in out["R-error"]["refusal_error"]
         assert counts["refusal_unparseable"] == 1 and counts["refusal_status_failed"] == 1
-        assert out["R-comply"]["refusal_judge"] == f"llm:judge-1@{judges.LLM_TEMPLATE_ID}"
+        assert out["R-comply"]["refusal_judge"].startswith(f"llm:judge-1@{judges.LLM_TEMPLATE_ID}|127.0.0.1:")
         evaluate.main(cfg)  # only the failed call is made again
         assert len(server.log) == 6 and "R-error" in server.log[-1]["body"]["messages"][-1]["content"]
         assert len(read(cfg.output)) == 5
@@ -182,8 +184,8 @@ def test_served_llamaguard_judges_toxic_prompts_only(tmp_path, scripted):
     src = responses(tmp_path, [("toxic", "LG-unsafe"), ("toxic", "LG-safe"), ("toxic", "LG-space"), ("toxic", "LG-garbage"),
                                ("general", "LG-unsafe")])
     with FakeOpenAI() as server:
-        cfg = evaluate.JudgeConfig(input=src, output=str(tmp_path / "judged.jsonl"), judge="llamaguard",
-                                   judge_model="llama-guard-3", base_url=server.base_url)
+        cfg = evaluate.JudgeConfig(input=src, output=str(tmp_path / "judged.jsonl"), safety_judge="llamaguard",
+                                   safety_model="llama-guard-3", safety_base_url=server.base_url)
         evaluate.main(cfg)
         assert len(server.log) == 4 and server.log[0]["body"]["logprobs"] is True
         assert [m["role"] for m in server.log[0]["body"]["messages"]] == ["user", "assistant"]
@@ -194,7 +196,7 @@ def test_served_llamaguard_judges_toxic_prompts_only(tmp_path, scripted):
     assert out["r0"]["safety_raw"]["categories"] == ["S1", "S10"] and out["r0"]["safety_raw"]["raw"].startswith("\n\n")
     # The loopback server's logprobs put "safe" first after "\n\n": p_unsafe = 0 / (0 + p(safe)).
     assert out["r0"]["p_unsafe"] == 0.0 and out["r0"]["safety_score"] == 1.0
-    assert out["r4"]["safety_judge"] == "llamaguard:llama-guard-3" and out["r4"]["p_unsafe"] is None
+    assert out["r4"]["safety_judge"].startswith("llamaguard:llama-guard-3|") and out["r4"]["p_unsafe"] is None
 
 
 def test_generate_through_a_server_resumes_and_retries_failures(tmp_path):
@@ -324,8 +326,8 @@ def test_proxy_safety_follows_the_refusal_convention(tmp_path):
 def test_config_errors_are_errors(tmp_path):
     with pytest.raises(ValueError, match="--judge llm needs --judge_model"):
         evaluate.main(evaluate.JudgeConfig(input="a", output="b", judge="llm"))
-    with pytest.raises(ValueError, match="--template applies to --judge llm only"):
-        evaluate.main(evaluate.JudgeConfig(input="a", output="b", template="t.txt"))
+    with pytest.raises(ValueError, match="--judge_template applies to --judge llm only"):
+        evaluate.main(evaluate.JudgeConfig(input="a", output="b", judge_template="t.txt"))
     with pytest.raises(ValueError, match="--batch_size does not apply to --backend openai"):
         evaluate.main(evaluate.GenerateConfig(output="x", backend="openai", batch_size=4))
     with pytest.raises(DataError, match="missing field 'unsafe'"):
@@ -378,10 +380,10 @@ def test_generate_torchrun_equals_one_process_and_batched_equals_one_at_a_time(e
     eot = chat.prepare_tokenizer(tok)
     model = models.load_model(smol_path).eval()
     rows = benchmarks.load(prompts)
-    singles = [evaluate.answer_batch(model, tok, [eot], [chat.encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])],
-                                     16)[0] for r in rows]
+    singles = [generation.answer_batch(model, tok, [eot], [chat.encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])],
+                                       16)[0] for r in rows]
     batched = read(d / "one.jsonl")
-    assert [s["response"] for s in singles] == [b["response"] for b in batched]
+    assert [s["text"] for s in singles] == [b["response"] for b in batched]
     assert [s["finish_reason"] for s in singles] == [b["finish_reason"] for b in batched]
     assert len({len(chat.encode_prompt(tok, [{"role": "user", "content": r["prompt"]}])) for r in rows}) > 3  # real padding
 
@@ -390,14 +392,14 @@ def test_run_chains_cached_stages(eight, smol_path, keyword_stub, monkeypatch):
     d, prompts, _ = eight
     four = write_jsonl(d / "four.jsonl", read(prompts)[:4])
     gens = []
-    real = evaluate.answer_batch
-    monkeypatch.setattr(evaluate, "answer_batch", lambda *a, **k: gens.append(len(a[3])) or real(*a, **k))
+    real = generation.answer_batch
+    monkeypatch.setattr(generation, "answer_batch", lambda *a, **k: gens.append(len(a[3])) or real(*a, **k))
     cfg = evaluate.RunConfig(input=four, model=smol_path, max_new_tokens=8, out_dir=str(d / "run"), n_boot=100)
     res = evaluate.main(cfg)
     assert gens == [4] and len(keyword_stub) == 4
     assert res["summary"]["not_unsafe"]["n"] == 3 and res["summary"]["not_overrefusal"]["n"] == 1
     assert res["quality"]["all"]["truncated"]["n"] == 4 and res["quality"]["all"]["mean_tokens"] <= 8
-    assert all((d / "run" / f).exists() for f in ("responses.jsonl", "refusal.jsonl", "judged.jsonl", "results.md"))
+    assert all((d / "run" / f).exists() for f in ("responses.jsonl", "judged.jsonl", "judged.judge_cache.jsonl", "results.md"))
     evaluate.main(cfg)  # every stage cached: no generation, no judge call
     assert gens == [4] and len(keyword_stub) == 4
     lines = (d / "run/responses.jsonl").read_text().splitlines()
