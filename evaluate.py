@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from porover import benchmarks, chat, dist, generation, judges, judging, metrics, report
+from porover import benchmarks, dist, generation, judging, metrics, report
 from porover.config import parse, provenance
 from porover.data import DataError, prompt_messages, read_jsonl
 from porover.store import Store, key_of, write_json, write_jsonl, write_text
@@ -141,26 +141,6 @@ def resume(out: Path, rows: list[dict], keys: list[str]) -> tuple[Store, list[in
     return store, todo, counts
 
 
-def generate_local(cfg, rows, keys, todo, sink):
-    """Batch b of the to-do list is batch b on any world size: rank r runs batches r, r + W, ...; after each
-    round rank 0 gathers the round's results and writes them in batch order (the file a single process writes)."""
-    rank, world, device = dist.setup()
-    model, tokenizer, stop_ids = generation.load(cfg.model, cfg.chat_template, cfg.dtype, device)
-    batches = [todo[s:s + cfg.batch_size] for s in range(0, len(todo), cfg.batch_size)]
-    for r0 in range(0, len(batches), world):
-        mine = batches[r0 + rank] if r0 + rank < len(batches) else []
-        ids = [chat.encode_prompt(tokenizer, rows[i]["_messages"]) for i in mine]
-        res = generation.answer_batch(model, tokenizer, stop_ids, ids, cfg.max_new_tokens, cfg.temperature,
-                                      cfg.top_p, generation.batch_seed([keys[i] for i in mine])) if mine else []
-        parts = [list(zip(mine, res))]
-        if world > 1:
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, list(zip(mine, res)))
-        if rank == 0:
-            for i, r in (x for part in parts for x in part):
-                sink(i, {"response": r["text"], "finish_reason": r["finish_reason"], "n_tokens": r["n_tokens"]})
-
-
 def generate_openai(cfg, rows, todo, sink, errors: Store):
     from porover.client import Client, gather_cancelling
     client = Client(cfg.base_url, cfg.api_key_env, cfg.concurrency)
@@ -210,7 +190,8 @@ def generate(cfg: GenerateConfig) -> Counter:
         counts["generated"] += 1
         counts[f"finish_{res['finish_reason']}"] += 1
     if todo and cfg.backend == "local":
-        generate_local(cfg, rows, keys, todo, sink)
+        generation.answer_all(cfg, [r["_messages"] for r in rows], keys, todo, lambda i, a: sink(i, {
+            "response": a["text"], "finish_reason": a["finish_reason"], "n_tokens": a["n_tokens"]}))
     elif todo:
         with Store(sibling(out, ".errors.jsonl")) as errors:
             generate_openai(cfg, rows, todo, sink, errors)
@@ -269,34 +250,6 @@ def judge(cfg: JudgeConfig) -> Counter:
 # --------------------------------------------------------------------------------------------------------------
 # score, run, compare, select
 
-def load_judged(path, partial_is_refusal: bool) -> tuple[list[dict], Counter, dict]:
-    """Judged records with `refusal` re-derived from `refusal_label` under the chosen convention; the counts of
-    failed and unparseable judgements; which judges wrote them."""
-    rows, counts, used = [], Counter(), {"refusal": set(), "safety": set()}
-    for lineno, rec in read_jsonl(path):
-        for field in ("id", "type", "benchmark") + (("unsafe",) if rec.get("type") == "toxic" else ("refusal_label",)):
-            if field not in rec:
-                hint = "run judge --safety_judge proxy|llamaguard" if field == "unsafe" else "run judge"
-                raise DataError(f"{path}:{lineno}: missing field {field!r} ({hint})")
-        label = rec.get("refusal_label")
-        if label is not None and label not in judges.LABELS:
-            raise DataError(f"{path}:{lineno}: field 'refusal_label' {label!r} is not one of {judges.LABELS}")
-        if rec.get("unsafe") not in (True, False, None):
-            raise DataError(f"{path}:{lineno}: field 'unsafe' must be true, false or null, got {rec['unsafe']!r}")
-        rec["refusal"] = None if label is None else judges.is_refusal(label, partial_is_refusal)
-        if rec["type"] == "toxic" and rec.get("safety_judge") == "proxy":
-            rec["unsafe"] = judges.proxy_safety(rec["refusal"], True)["unsafe"]  # refused = not unsafe, same rule as U
-        counts["refusal_failed"] += rec.get("refusal_status") == "failed"
-        counts["refusal_unparseable"] += label == "unparseable"
-        if rec["type"] == "toxic":
-            counts["safety_failed"] += rec.get("safety_status") == "failed"
-            counts["safety_null"] += rec["unsafe"] is None
-            used["safety"].add(rec.get("safety_judge"))
-        used["refusal"].add(rec.get("refusal_judge"))
-        rows.append(rec)
-    return rows, counts, {k: sorted(map(str, v)) for k, v in used.items()}
-
-
 def model_step(model: str | None) -> int | None:
     """The training step of an exported checkpoint (its porover.json), if the model is one."""
     meta = Path(model or "") / "porover.json"
@@ -307,7 +260,7 @@ def score(cfg: ScoreConfig, missing: dict | None = None) -> dict:
     """`missing` (from run): prompts per benchmark that have no response because generation failed."""
     if not cfg.input or not cfg.output:
         raise ValueError("invalid config: --input and --output are required")
-    rows, counts, used = load_judged(cfg.input, cfg.partial_is_refusal)
+    rows, counts, used = judging.read_judged(cfg.input, cfg.partial_is_refusal)
     res = metrics.summarize(rows, tuple(cfg.usefulness_types.split(",")), cfg.n_boot, cfg.seed)
     model = sorted({str(r.get("gen_model")) for r in rows})
     res.update(conventions=report.conventions(cfg.partial_is_refusal, used), counts=dict(counts), model=model,
@@ -353,7 +306,7 @@ def compare(cfg: CompareConfig) -> dict:
         raise ValueError("invalid config: --runs needs at least two run folders")
     plt = report.pyplot() if cfg.plot else None  # fail before the work, not after it
     types = tuple(cfg.usefulness_types.split(","))
-    judged = [load_judged(Path(r) / "judged.jsonl", cfg.partial_is_refusal) for r in runs]
+    judged = [judging.read_judged(Path(r) / "judged.jsonl", cfg.partial_is_refusal) for r in runs]
     names = [Path(r).name for r in runs]
     prompt = lambda r: r.get("prompt", r.get("messages"))  # noqa: E731
     base = {(r["benchmark"], r["id"]): prompt(r) for r in judged[0][0]}

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from porover import benchmarks, decontam, generation, judging, pairs, sampling, selection
+from porover import decontam, generation, judging, pairs, sampling, selection
 from porover.client import FatalAPIError, endpoint_host
 from porover.config import parse, provenance
-from porover.data import DataError, prompt_messages, read_jsonl
+from porover.data import DataError
 from porover.store import Store, write_json, write_jsonl
 
 OPENAI_DEFAULTS = {"concurrency": 16, "timeout": 120.0, "max_attempts": 6, "backoff": 1.0, "backoff_max": 60.0}
@@ -87,25 +87,6 @@ def resolve(cfg: GenerateConfig) -> GenerateConfig:
     return dataclasses.replace(cfg, model=model, **{k: v for k, v in mine.items() if getattr(cfg, k) is None})
 
 
-def read_prompts(cfg: GenerateConfig) -> list[tuple[dict, list[dict]]]:
-    """(prompt record, messages sent to the model) per prompt; ids must be unique strings. A .jsonl input is read as
-    it is; anything else is a benchmark spec, whose records arrive typed and with ids."""
-    prompts, seen = [], set()
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    source = read_jsonl(cfg.input) if cfg.input.endswith(".jsonl") and "," not in cfg.input else \
-        ((f"id {r['id']}", r) for r in benchmarks.load_all(cfg.input))
-    for where, obj in source:
-        if not isinstance(obj.get("id"), str):
-            raise DataError(f"{cfg.input}:{where}: field 'id' must be a string")
-        if obj["id"] in seen:
-            raise DataError(f"{cfg.input}:{where}: field 'id': duplicate {obj['id']!r}")
-        if clash := [k for k in selection.RECORD_FIELDS if k in obj]:
-            raise DataError(f"{cfg.input}:{where}: field {clash[0]!r} is reserved for generate's records")
-        seen.add(obj["id"])
-        prompts.append((obj, system + prompt_messages(obj, cfg.input, where)))
-    return prompts
-
-
 def sibling(out: Path, suffix: str) -> Path:
     return out.with_name(out.name.removesuffix(".jsonl") + suffix)
 
@@ -119,7 +100,7 @@ def generate(cfg: GenerateConfig) -> dict:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS even on SIGKILL
         except BlockingIOError:
             raise RuntimeError(f"{out}: another generate run is writing it") from None
-        prompts = read_prompts(cfg)
+        prompts = sampling.read_prompts(cfg)
         # A local model enters the keys by its files: retrained in place, it gets new samples, not stale ones.
         host = f"local:{generation.identity(cfg.model, cfg.chat_template)}" if cfg.backend == "local" else \
             endpoint_host(cfg.base_url)
@@ -145,26 +126,8 @@ def generate(cfg: GenerateConfig) -> dict:
         finally:  # also after a fatal error or Ctrl-C: what was done is accounted for
             done.close()
             errors.close()
-            write_generate_summary(cfg, out, summary, counts, sink)
+            sampling.write_summary(cfg, sibling(out, ".summary.json"), summary, counts, sink)
     return summary
-
-
-def write_generate_summary(cfg: GenerateConfig, out: Path, summary: dict, counts: Counter, sink):
-    """tokens and cost_usd are this run's; the *_all_runs totals carry over every run into this output."""
-    path = sibling(out, ".summary.json")
-    before = json.loads(path.read_text()) if path.exists() else {}
-    tokens_all, cost_all = Counter(before.get("tokens_all_runs", {})), before.get("cost_usd_all_runs", 0.0)
-    if sink is not None:
-        sink.close()
-        counts.update(sink.counts)
-        tokens_all.update(sink.tokens)
-        cost_all += sink.cost
-        summary.update(tokens=dict(sink.tokens), cost_usd=round(sink.cost, 6),
-                       price_table=cfg.price_table or "built-in list prices (porover.sampling.PRICES)")
-    summary.update(tokens_all_runs=dict(tokens_all), cost_usd_all_runs=round(cost_all, 6), counts=dict(counts))
-    summary.update(provenance({"input": cfg.input, "price_table": cfg.price_table}, world_size=1,
-                              device=cfg.backend, seed="per key (porover.sampling.seed_of)"))
-    write_json(path, summary)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,20 +285,6 @@ def pair_errors(cfg: PairsConfig) -> list[str]:
     return e
 
 
-def pair_row(g: dict, pair: dict, kind: str, cfg: PairsConfig) -> dict:
-    """The prompt record, chosen and rejected, and under "pair" why: kind (overrefusal or anchor), slots, judges."""
-    chosen, rejected = pair["chosen"], pair["rejected"]
-    why = {"kind": kind, "seed": cfg.seed, "chosen_slot": chosen.get("slot"), "rejected_slot": rejected.get("slot"),
-           "teacher_model": chosen.get("gen_model") or chosen.get("model"),
-           "student_model": rejected.get("gen_model") or rejected.get("model"),
-           # An anchor is chosen by the safety judge: its refusal judgement may have failed (null).
-           "chosen_label": chosen["_refusal_label"], "rejected_label": rejected["_refusal_label"],
-           "chosen_p_unsafe": chosen["_p_unsafe"], "rejected_p_unsafe": rejected["_p_unsafe"]}
-    if kind == "overrefusal":
-        why.update(refusal_fraction=pair["refusal_fraction"], k_student=cfg.k_student, tau_refusal=cfg.tau_refusal)
-    return {**g["prompt"], "chosen": chosen["text"], "rejected": rejected["text"], "pair": why}
-
-
 def read_pair_inputs(cfg: PairsConfig, counts: Counter) -> list[tuple]:
     """(id, kind, student group, teacher group) per prompt a pair may come from, after the type rules and
     decontamination; the teacher's candidates go through select's drop filters (the student's are all read)."""
@@ -404,7 +353,7 @@ def build_pairs(cfg: PairsConfig) -> dict:
         stage = "overrefusal" if kind == "seemingly_toxic" else "anchor"
         counts[f"{stage}_{why}"] += 1
         if pair:
-            (rows if stage == "overrefusal" else anchors).append((pid, pair_row(g, pair, stage, cfg)))
+            (rows if stage == "overrefusal" else anchors).append((pid, pairs.pair_row(g['prompt'], pair, stage, cfg.seed, cfg.k_student, cfg.tau_refusal)))
     picked = pairs.take_anchors(anchors, len(rows), cfg.anchor_ratio, cfg.seed)
     counts.update(pairs_overrefusal=len(rows), pairs_anchor=len(picked),
                   pairs_anchor_short=pairs.anchors_wanted(len(rows), cfg.anchor_ratio) - len(picked))

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
-from porover import benchmarks, chat, models  # noqa: E402
+from porover import benchmarks, chat, generation, models  # noqa: E402
 
 
 def main():
@@ -35,9 +35,9 @@ def main():
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = evaluate.GenerateConfig(model=models.EMBEDDED, max_new_tokens=args.max_new_tokens, batch_size=args.prompts)
-    loaded = evaluate.load_local(cfg, device)
+    loaded = generation.load(cfg.model, device=device)
     model, tok, stop_ids = loaded
-    evaluate.load_local = lambda cfg, device: loaded  # (a) times generation, not loading
+    generation.load = lambda *a, **kw: loaded  # (a) times generation, not loading
     rows = benchmarks.load_all("demo")[:args.prompts]
     texts = [chat.render(tok, [{"role": "user", "content": r["prompt"]}]) for r in rows]
     tmp = Path(tempfile.mkdtemp())

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from porover import chat, data, models  # noqa: E402
+from porover import chat, data, generation, models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_FILE = ROOT / "data" / "demo" / "sft_seed.jsonl"
@@ -157,25 +157,17 @@ def all_prompts() -> list[dict]:
     return seed + own
 
 
-@torch.no_grad()
-def generate_batch(model, tok, eot, contexts: list[list[dict]], sampling: dict | None, seed: int) -> list[str]:
+def generate_batch(model, tok, stop_ids, contexts: list[list[dict]], sampling: dict | None, seed: int) -> list[str]:
     ids = [chat.encode_prompt(tok, c) for c in contexts]
-    T = max(map(len, ids))
-    input_ids = torch.tensor([[tok.pad_token_id] * (T - len(i)) + i for i in ids])      # (B, T) left padded
-    attention_mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids])      # (B, T)
-    torch.manual_seed(seed)
-    kw = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=MAX_NEW_TOKENS,
-                         pad_token_id=tok.pad_token_id, eos_token_id=eot, **kw)
-    return [tok.decode(o[T:], skip_special_tokens=True) for o in out]
+    s = sampling or {"temperature": 0.0, "top_p": 1.0}  # temperature 0: greedy
+    return [a["text"] for a in generation.answer_batch(model, tok, stop_ids, ids, MAX_NEW_TOKENS, s["temperature"],
+                                                       s["top_p"], seed)]
 
 
 def generate(out: Path, batch_size: int, seed: int) -> None:
     """Append each finished batch to `out`; a rerun skips the ids already there (CPU time is scarce)."""
     torch.set_num_threads(1)  # the machine is shared: one thread wastes no time on barriers
-    tok = models.load_tokenizer(models.EMBEDDED)
-    eot = chat.prepare_tokenizer(tok)
-    model = models.load_model(models.EMBEDDED).eval()
+    model, tok, stop_ids = generation.load(models.EMBEDDED, dtype="fp32")
     done = {o["id"] for _, o in data.read_jsonl(out)} if out.exists() else set()
     prompts, t0 = all_prompts(), time.time()
     for cond, shots, sampling, kinds in CONDITIONS:
@@ -185,7 +177,7 @@ def generate(out: Path, batch_size: int, seed: int) -> None:
             if all(f"{cond}/{p['prompt_id']}" in done for p in batch):
                 continue
             contexts = [(FEWSHOT[shots] if shots else []) + [{"role": "user", "content": p["prompt"]}] for p in batch]
-            texts = generate_batch(model, tok, eot, contexts, sampling, seed + b)
+            texts = generate_batch(model, tok, stop_ids, contexts, sampling, seed + b)
             decoding = f"sampled T={sampling['temperature']} top_p={sampling['top_p']} seed={seed + b}" \
                 if sampling else "greedy"
             system = f"system={CAUTIOUS!r} + few-shot context {shots}" if shots else "system=none"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from porover import chat, models
+from porover import chat, dist, models
 from porover.store import key_of
 
 
@@ -70,3 +70,24 @@ def answer_batch(model, tokenizer, stop_ids: list[int], prompt_ids: list[list[in
                         "finish_reason": "length" if end is None else "stop", "n_tokens": len(row)})
     return results
 
+
+def answer_all(cfg, messages: list[list[dict]], keys: list[str], todo: list[int], sink):
+    """Answers to the to-do prompts, data-parallel: batch b of the to-do list is batch b on any world size. Rank r runs
+    batches r, r + W, ...; after each round rank 0 gathers the round's answers and hands them to sink(i, answer) in
+    batch order (so the output is the file a single process writes). cfg: model, chat_template, dtype, batch_size,
+    max_new_tokens, temperature, top_p."""
+    rank, world, device = dist.setup()
+    model, tokenizer, stop_ids = load(cfg.model, cfg.chat_template, cfg.dtype, device)
+    batches = [todo[s:s + cfg.batch_size] for s in range(0, len(todo), cfg.batch_size)]
+    for r0 in range(0, len(batches), world):
+        mine = batches[r0 + rank] if r0 + rank < len(batches) else []
+        ids = [chat.encode_prompt(tokenizer, messages[i]) for i in mine]
+        res = answer_batch(model, tokenizer, stop_ids, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                           batch_seed([keys[i] for i in mine])) if mine else []
+        parts = [list(zip(mine, res))]
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, list(zip(mine, res)))
+        if rank == 0:
+            for i, r in (x for part in parts for x in part):
+                sink(i, r)

@@ -22,6 +22,7 @@ from typing import Literal
 
 from porover import judges
 from porover.client import Client, endpoint_host, gather_cancelling
+from porover.data import DataError, read_jsonl
 from porover.store import Store, key_of
 
 
@@ -225,3 +226,30 @@ def device(cfg: JudgeConfig, reward_model: str | None = None) -> str:
         return device_and_dtype()[0].type
     return "none"
 
+
+def read_judged(path, partial_is_refusal: bool) -> tuple[list[dict], Counter, dict]:
+    """Judged records with `refusal` re-derived from `refusal_label` under the chosen convention; the counts of
+    failed and unparseable judgements; which judges wrote them."""
+    rows, counts, used = [], Counter(), {"refusal": set(), "safety": set()}
+    for lineno, rec in read_jsonl(path):
+        for field in ("id", "type", "benchmark") + (("unsafe",) if rec.get("type") == "toxic" else ("refusal_label",)):
+            if field not in rec:
+                hint = "run judge --safety_judge proxy|llamaguard" if field == "unsafe" else "run judge"
+                raise DataError(f"{path}:{lineno}: missing field {field!r} ({hint})")
+        label = rec.get("refusal_label")
+        if label is not None and label not in judges.LABELS:
+            raise DataError(f"{path}:{lineno}: field 'refusal_label' {label!r} is not one of {judges.LABELS}")
+        if rec.get("unsafe") not in (True, False, None):
+            raise DataError(f"{path}:{lineno}: field 'unsafe' must be true, false or null, got {rec['unsafe']!r}")
+        rec["refusal"] = None if label is None else judges.is_refusal(label, partial_is_refusal)
+        if rec["type"] == "toxic" and rec.get("safety_judge") == "proxy":
+            rec["unsafe"] = judges.proxy_safety(rec["refusal"], True)["unsafe"]  # refused = not unsafe, same rule as U
+        counts["refusal_failed"] += rec.get("refusal_status") == "failed"
+        counts["refusal_unparseable"] += label == "unparseable"
+        if rec["type"] == "toxic":
+            counts["safety_failed"] += rec.get("safety_status") == "failed"
+            counts["safety_null"] += rec["unsafe"] is None
+            used["safety"].add(rec.get("safety_judge"))
+        used["refusal"].add(rec.get("refusal_judge"))
+        rows.append(rec)
+    return rows, counts, {k: sorted(map(str, v)) for k, v in used.items()}

@@ -90,6 +90,21 @@ def anchor_pair(student: list[dict], teacher: list[dict], tau_safe: float, safet
     return {"chosen": rng.choice(safe), "rejected": rng.choice(unsafe)}, "available"
 
 
+def pair_row(prompt: dict, pair: dict, kind: str, seed: int, k_student: int, tau_refusal: float) -> dict:
+    """A preference row: the prompt record, chosen and rejected, and under "pair" why: kind (overrefusal or
+    anchor), slots, models, judges' verdicts."""
+    chosen, rejected = pair["chosen"], pair["rejected"]
+    why = {"kind": kind, "seed": seed, "chosen_slot": chosen.get("slot"), "rejected_slot": rejected.get("slot"),
+           "teacher_model": chosen.get("gen_model") or chosen.get("model"),
+           "student_model": rejected.get("gen_model") or rejected.get("model"),
+           # An anchor is chosen by the safety judge: its refusal judgement may have failed (null).
+           "chosen_label": chosen["_refusal_label"], "rejected_label": rejected["_refusal_label"],
+           "chosen_p_unsafe": chosen["_p_unsafe"], "rejected_p_unsafe": rejected["_p_unsafe"]}
+    if kind == "overrefusal":
+        why.update(refusal_fraction=pair["refusal_fraction"], k_student=k_student, tau_refusal=tau_refusal)
+    return {**prompt, "chosen": chosen["text"], "rejected": rejected["text"], "pair": why}
+
+
 def anchors_wanted(n_pairs: int, anchor_ratio: float) -> int:
     return math.floor(anchor_ratio * n_pairs + 0.5)  # halves round up (round() would go to the even number)
 

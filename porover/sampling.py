@@ -13,14 +13,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from porover import benchmarks
 from porover.client import Client, FatalAPIError, estimate_tokens, gather_cancelling
-from porover.data import DataError
-from porover.store import Store, key_of
+from porover.config import provenance
+from porover.data import DataError, prompt_messages, read_jsonl
+from porover.store import Store, key_of, write_json
 
 # US$ per million (input, output) tokens: OpenAI list prices as of 2025, for the running estimate only.
 # Override with --price_table (a JSON file {"model": [input, output]}); the longest matching prefix wins.
 PRICES = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60), "gpt-4.1": (2.00, 8.00),
           "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40), "gpt-3.5-turbo": (0.50, 1.50)}
+# Fields generate adds to a prompt record; a prompt record that already has one is an error.
+RECORD_FIELDS = ("slot", "key", "text", "finish_reason", "refusal", "usage", "request_n", "model", "seed", "status",
+                 "attempts", "latency", "host", "gen_model")
 ESTIMATE_LABEL = "estimate: prompt tokens by the chars/4 heuristic, completion tokens at the --max_new_tokens bound"
 # A fatal error (a bad key, no quota) says nothing about the item: "transient" retries it too.
 RETRY = {"all": {"transient", "fatal", "permanent"}, "transient": {"transient", "fatal"}, "none": set()}
@@ -56,6 +61,25 @@ def plan(prompts: list, host: str, cfg, done: Store, errors: Store) -> tuple[lis
             jobs.append((obj, messages, slots))
     counts["todo"] = sum(len(j[2]) for j in jobs)
     return jobs, counts
+
+
+def read_prompts(cfg) -> list[tuple[dict, list[dict]]]:
+    """(prompt record, messages sent to the model) per prompt; ids must be unique strings. A .jsonl input is read as
+    it is; anything else is a benchmark spec, whose records arrive typed and with ids."""
+    prompts, seen = [], set()
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    source = read_jsonl(cfg.input) if cfg.input.endswith(".jsonl") and "," not in cfg.input else \
+        ((f"id {r['id']}", r) for r in benchmarks.load_all(cfg.input))
+    for where, obj in source:
+        if not isinstance(obj.get("id"), str):
+            raise DataError(f"{cfg.input}:{where}: field 'id' must be a string")
+        if obj["id"] in seen:
+            raise DataError(f"{cfg.input}:{where}: field 'id': duplicate {obj['id']!r}")
+        if clash := [k for k in RECORD_FIELDS if k in obj]:
+            raise DataError(f"{cfg.input}:{where}: field {clash[0]!r} is reserved for generate's records")
+        seen.add(obj["id"])
+        prompts.append((obj, system + prompt_messages(obj, cfg.input, where)))
+    return prompts
 
 
 def price_of(model: str, table: dict) -> tuple[float, float] | None:
@@ -214,3 +238,20 @@ def run_local(cfg, jobs: list, sink: Sink):
             sink.tokens.update(prompt=len(ids), completion=usage["completion_tokens"])
             sink.record(obj, slot, key, a, {"usage": usage, "request_n": 1, "model": cfg.model, "seed": seed,
                                             "attempts": 1, "latency": latency, "host": "local"})
+
+
+def write_summary(cfg, path: Path, summary: dict, counts: Counter, sink):
+    """tokens and cost_usd are this run's; the *_all_runs totals carry over every run into this output."""
+    before = json.loads(path.read_text()) if path.exists() else {}
+    tokens_all, cost_all = Counter(before.get("tokens_all_runs", {})), before.get("cost_usd_all_runs", 0.0)
+    if sink is not None:
+        sink.close()
+        counts.update(sink.counts)
+        tokens_all.update(sink.tokens)
+        cost_all += sink.cost
+        summary.update(tokens=dict(sink.tokens), cost_usd=round(sink.cost, 6),
+                       price_table=cfg.price_table or "built-in list prices (porover.sampling.PRICES)")
+    summary.update(tokens_all_runs=dict(tokens_all), cost_usd_all_runs=round(cost_all, 6), counts=dict(counts))
+    summary.update(provenance({"input": cfg.input, "price_table": cfg.price_table}, world_size=1,
+                              device=cfg.backend, seed="per key (porover.sampling.seed_of)"))
+    write_json(path, summary)

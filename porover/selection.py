@@ -11,10 +11,8 @@ from collections import Counter
 from porover import decontam
 from porover.data import DataError, prompt_messages, read_jsonl
 from porover.metrics import is_degenerate
+from porover.sampling import RECORD_FIELDS
 
-# Fields generate adds to a prompt record; a prompt record that already has one is an error.
-RECORD_FIELDS = ("slot", "key", "text", "finish_reason", "refusal", "usage", "request_n", "model", "seed", "status",
-                 "attempts", "latency", "host")
 DROP_REASONS = ("content_filter", "status_not_ok", "empty", "truncated", "duplicate", "degenerate")
 TYPES = ("general", "toxic", "seemingly_toxic")
 
