@@ -1,4 +1,5 @@
-"""Sharded, atomic checkpoints with exact resume, and the consolidated transformers export (SPEC §6).
+"""Sharded, atomic checkpoints with exact resume, and the consolidated transformers export (README
+"Distributed training").
 
 A checkpoint is `out_dir/checkpoints/step_NNNNNNNN/`: model and optimizer through
 torch.distributed.checkpoint (each rank writes its shards: the same code serves DDP and FSDP2), each
@@ -23,14 +24,6 @@ from porover.store import write_json
 # batch_size and grad_accum may change with the world size as long as the global batch stays the same.
 RESUME_ALLOWED = {"resume", "max_steps", "save_every", "eval_every", "export_every", "keep_last", "log_every",
                   "batch_size", "grad_accum"}
-# Fault injection for tests: "before_rename[:STEP]", "after_save[:STEP]" stop the process at that point of a
-# save; "rank_raises:RANK" makes one rank raise at its first save.
-FAULT = "POROVER_FAULT"
-
-
-def _fault(point: str, at_value: int) -> bool:
-    kind, _, at = os.environ.get(FAULT, "").partition(":")
-    return kind == point and (not at or int(at) == at_value)
 
 
 def _rng_state():
@@ -38,9 +31,19 @@ def _rng_state():
 
 
 def save(root: Path, step: int, model, optimizer, state: dict, keep_last: int | None):
-    final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
-    if _fault("rank_raises", dist.rank()):
-        raise RuntimeError(f"{FAULT}=rank_raises: rank {dist.rank()} failed on purpose")
+    """Checkpoint `step` under root: written in full under a temporary name, then renamed (every rank calls
+    this: each writes its own shards)."""
+    write(root, step, model, optimizer, state)
+    publish(root, step, keep_last)
+
+
+def _paths(root: Path, step: int) -> tuple[Path, Path]:
+    return root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+
+
+def write(root: Path, step: int, model, optimizer, state: dict):
+    """Model, optimizer, each rank's RNG and state.json into root/.tmp-step_N (a collective)."""
+    tmp = _paths(root, step)[1]
     if dist.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -51,16 +54,18 @@ def save(root: Path, step: int, model, optimizer, state: dict, keep_last: int | 
     if dist.rank() == 0:
         write_json(tmp / "state.json", {"step": step, "world_size": dist.world_size(), **state})
     dist.barrier()
-    if _fault("before_rename", step):
-        raise SystemExit(f"{FAULT}=before_rename: stopped with {tmp} written but not renamed")
+
+
+def publish(root: Path, step: int, keep_last: int | None):
+    """Rename the complete root/.tmp-step_N to root/step_N, then keep only the newest `keep_last` (rank 0
+    renames; every rank waits for it)."""
+    final, tmp = _paths(root, step)
     if dist.rank() == 0:
         os.rename(tmp, final)
         if keep_last:
             for old in sorted(root.glob("step_*"))[:-keep_last]:
                 shutil.rmtree(old)
     dist.barrier()
-    if _fault("after_save", step):
-        raise SystemExit(f"{FAULT}=after_save: stopped after saving {final}")
 
 
 def latest(root: Path) -> Path | None:

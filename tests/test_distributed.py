@@ -2,6 +2,7 @@
 the same global batch, resume across world sizes, survive a killed save, and fail fast."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ def test_two_ranks_train_like_one_process_and_uneven_data_does_not_hang(setup, s
         assert final.lm_head.weight.data_ptr() == final.get_input_embeddings().weight.data_ptr()
         w2 = final.state_dict()
         # Adam can turn float-noise gradients into lr-sized steps for a few near-zero-gradient weights: allow
-        # ~10 x lr x steps for the largest difference (SPEC §9.7), and demand agreement on average.
+        # ~10 x lr x steps for the largest difference, and demand agreement on average.
         diffs = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
         assert diffs.max().item() < 10 * 1e-3 * 5 and diffs.mean().item() < 1e-5, (other, diffs.max(), diffs.mean())
     assert json.loads((out / "fsdp/config.json").read_text())["world_size"] == 2
@@ -94,8 +95,8 @@ def test_resume_on_another_world_size(setup, first, second):
               "--max_length", "128", "--warmup_ratio", "0", "--strategy", "fsdp", "--save_every", "2"]
     bs = {1: "2", 2: "1"}
     run(common + ["--out_dir", str(out / "straight"), "--batch_size", bs[first]], nproc=first)
-    p = run(common + ["--out_dir", str(out / "cut"), "--batch_size", bs[first]], nproc=first,
-            env={"POROVER_FAULT": "after_save:2"}, check=False)
+    p = run(["tests/faults.py", "after_save:2"] + common + ["--out_dir", str(out / "cut"), "--batch_size", bs[first]],
+            nproc=first, check=False)
     assert p.returncode != 0 and len(rows(out / "cut")) == 2
     run(common + ["--out_dir", str(out / "cut"), "--batch_size", bs[second], "--resume"], nproc=second)
     straight, resumed = rows(out / "straight"), rows(out / "cut")
@@ -110,7 +111,7 @@ def test_killed_save_leaves_the_previous_checkpoint_usable(setup):
     common = ["train_sft.py", "--model", model, "--data", data, "--max_steps", "4", "--lr", "1e-3",
               "--max_length", "128", "--strategy", "fsdp", "--batch_size", "1", "--save_every", "2",
               "--out_dir", str(out)]
-    p = run(common, nproc=2, env={"POROVER_FAULT": "before_rename:4"}, check=False)
+    p = run(["tests/faults.py", "before_rename:4"] + common, nproc=2, check=False)
     assert p.returncode != 0
     names = sorted(x.name for x in (out / "checkpoints").iterdir())
     assert names == [".tmp-step_00000004", "step_00000002"]
@@ -119,12 +120,16 @@ def test_killed_save_leaves_the_previous_checkpoint_usable(setup):
 
 
 def test_a_failing_rank_ends_the_job_fast(setup):
+    """Rank 1 raises at its first save while rank 0 waits in the save's barrier. Without torchrun stopping
+    it, rank 0 would wait there for the process group's 30-minute timeout; the job must end within 60 s of
+    the raise (measured from the time the raising rank prints, so a slow start on a loaded machine does
+    not count; it takes a few seconds here)."""
     d, model, data, _ = setup
-    t0 = time.perf_counter()
-    p = run(["train_sft.py", "--model", model, "--data", data, "--max_steps", "4", "--max_length", "128",
-             "--batch_size", "1", "--save_every", "1", "--out_dir", str(d / "fail")], nproc=2,
-            env={"POROVER_FAULT": "rank_raises:1"}, check=False, timeout=120)
-    elapsed = time.perf_counter() - t0
+    p = run(["tests/faults.py", "rank_raises:1", "train_sft.py", "--model", model, "--data", data, "--max_steps", "4",
+             "--max_length", "128", "--batch_size", "1", "--save_every", "1", "--out_dir", str(d / "fail")], nproc=2,
+            check=False, timeout=300)
+    ended = time.time()
     assert p.returncode != 0
     assert "rank 1 failed on purpose" in p.stdout + p.stderr
-    assert elapsed < 15 + 10  # 15 s after the raise; the start (imports, model load) takes a few seconds
+    raised = float(re.search(r"FAULT_AT (\d+\.\d+)", p.stderr).group(1))
+    assert ended - raised < 60

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 import train_pref
 from porover import chat, checkpoint, losses, reference
 from porover.data import DataError, read_pref
+from tests import faults
 from tests.conftest import tiny_llama
 from tests.test_train_sft import assert_same_state, restored
 
@@ -209,10 +210,10 @@ def test_resume_is_exact(tiny_dir, tmp_path, monkeypatch):
     data = write_pairs(tmp_path / "p.jsonl", PAIRS * 3)
     cfg = partial(base_cfg, tiny_dir, data, max_steps=4, batch_size=1, grad_accum=2, save_every=2, lr=1e-3)
     train_pref.main(cfg(tmp_path / "a"))
-    monkeypatch.setenv(checkpoint.FAULT, "after_save:2")
-    with pytest.raises(SystemExit):
-        train_pref.main(cfg(tmp_path / "b"))
-    monkeypatch.delenv(checkpoint.FAULT)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, *faults.patch("after_save", 2))
+        with pytest.raises(SystemExit, match="after_save"):
+            train_pref.main(cfg(tmp_path / "b"))
     train_pref.main(cfg(tmp_path / "b", resume=True))
     assert_same_state(restored(tiny_dir, tmp_path / "a/checkpoints/step_00000004"),
                       restored(tiny_dir, tmp_path / "b/checkpoints/step_00000004"))

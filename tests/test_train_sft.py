@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_sft
 from porover import checkpoint, chat
+from tests import faults
 from tests.conftest import tiny_llama
 
 
@@ -66,10 +67,10 @@ def losses(run):
 
 def test_resume_after_a_stop_is_exact(tiny_dir, straight, tmp_path, monkeypatch):
     data, ref = straight
-    monkeypatch.setenv(checkpoint.FAULT, "after_save:3")
-    with pytest.raises(SystemExit, match="after_save"):
-        train_sft.main(cfg_for(tiny_dir, data, tmp_path))
-    monkeypatch.delenv(checkpoint.FAULT)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, *faults.patch("after_save", 3))
+        with pytest.raises(SystemExit, match="after_save"):
+            train_sft.main(cfg_for(tiny_dir, data, tmp_path))
     train_sft.main(cfg_for(tiny_dir, data, tmp_path, resume=True))
     assert_same_state(restored(tiny_dir, ref / "checkpoints/step_00000006"),
                       restored(tiny_dir, tmp_path / "checkpoints/step_00000006"))
@@ -78,10 +79,10 @@ def test_resume_after_a_stop_is_exact(tiny_dir, straight, tmp_path, monkeypatch)
 
 def test_half_written_checkpoint_is_ignored(tiny_dir, straight, tmp_path, monkeypatch):
     data, ref = straight
-    monkeypatch.setenv(checkpoint.FAULT, "before_rename:6")
-    with pytest.raises(SystemExit, match="before_rename"):
-        train_sft.main(cfg_for(tiny_dir, data, tmp_path))
-    monkeypatch.delenv(checkpoint.FAULT)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, *faults.patch("before_rename", 6))
+        with pytest.raises(SystemExit, match="before_rename"):
+            train_sft.main(cfg_for(tiny_dir, data, tmp_path))
     root = tmp_path / "checkpoints"
     assert (root / ".tmp-step_00000006").is_dir() and checkpoint.latest(root).name == "step_00000003"
     train_sft.main(cfg_for(tiny_dir, data, tmp_path, resume=True))
