@@ -21,14 +21,12 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from porover import chat, dist, models, reference
-from porover.config import parse, provenance
+from porover.config import parse
 from porover.data import format_counts, read_pref
 from porover.losses import PREFERENCE_LOSSES, nll_term
-from porover.store import write_json
-from porover.parallel import (clip_grad_norm, decoder_layers, disable_dropout, flops_per_token, grad_sync, mfu,
-                              precision, shard, wrap)
-from porover.training import (MetricsFile, TrainConfig, config_errors, finish, global_batch, lr_at, resume,
-                              save_and_export, steps_per_epoch)
+from porover.parallel import decoder_layers, disable_dropout, flops_per_token, grad_sync, precision, shard, wrap
+from porover.training import (TrainConfig, adamw, config_errors, finish, global_batch, lr_at, optimizer_step, plan,
+                              save_and_export, speed, start)
 
 
 @dataclass
@@ -39,8 +37,8 @@ class Config(TrainConfig):
     lr: float = 5e-7
     warmup_ratio: float = 0.1
     loss: str = "dpo"  # a name in porover.losses.PREFERENCE_LOSSES
-    # None means the chosen loss's own default (porover.losses.PREFERENCE_LOSSES); setting an option the
-    # loss does not use is an error.
+    # The losses' options: None means the chosen loss's own default (its signature in porover.losses);
+    # setting an option the loss does not take is an error.
     beta: float | None = None
     logp_agg: Literal["sum", "mean"] | None = None
     label_smoothing: float | None = None
@@ -53,40 +51,36 @@ class Config(TrainConfig):
 
 
 def loss_options(cfg: Config) -> dict:
-    """The chosen loss's settings: its defaults, overridden by what the user set, or errors."""
+    """The chosen loss's options (porover.losses.PreferenceLoss.options) from the flags, or every error in
+    the config at once: those of the loss's options, and the trainer's own."""
     if cfg.loss not in PREFERENCE_LOSSES:
         raise ValueError(f"--loss {cfg.loss!r} is not one of {', '.join(PREFERENCE_LOSSES)}")
-    errors, opts = config_errors(cfg), dict(PREFERENCE_LOSSES[cfg.loss][1])
-    defaults = opts
-    for k in ("beta", "logp_agg", "label_smoothing", "simpo_gamma"):
-        value = getattr(cfg, k)
-        if value is not None and k not in defaults:
-            errors.append(f"--{k} is not used by --loss {cfg.loss}")
-        elif value is not None:
-            opts[k] = value
-    if opts.get("reference_free") and (cfg.ref_model or cfg.precompute_ref):
+    names = {k for loss in PREFERENCE_LOSSES.values() for k in loss.defaults}
+    if missing := sorted(names - {f.name for f in dataclasses.fields(cfg)}):
+        raise ValueError(f"loss options without a flag: add {', '.join(missing)} to train_pref.Config (default None)")
+    loss = PREFERENCE_LOSSES[cfg.loss]
+    opts, loss_errors = loss.options(cfg.loss, {k: getattr(cfg, k) for k in sorted(names)})
+    if errors := config_errors(cfg) + loss_errors + reference_errors(cfg, loss.reference_free):
+        raise ValueError("invalid config: " + "; ".join(errors))
+    return opts
+
+
+def reference_errors(cfg: Config, reference_free: bool) -> list[str]:
+    """The reference and NLL flags that contradict each other, the loss, or the device."""
+    errors = []
+    if reference_free and (cfg.ref_model or cfg.precompute_ref):
         errors.append(f"--loss {cfg.loss} is reference-free: --ref_model and --precompute_ref do not apply")
-    if cfg.loss == "simpo" and opts["logp_agg"] != "mean":
-        errors.append("SimPO is defined on length-normalised log-probs: --logp_agg must be mean")
-    if cfg.loss == "robust" and not 0 < opts["label_smoothing"] < 0.5:
-        errors.append("--loss robust needs 0 < --label_smoothing (the label-noise rate) < 0.5")
-    if cfg.loss == "dpo" and not 0 <= opts["label_smoothing"] < 0.5:  # 0.5 and above flip the labels
-        errors.append("--label_smoothing must be in [0, 0.5)")
-    if opts["beta"] <= 0:
-        errors.append("--beta must be positive")
     if cfg.ref_batch_size is not None and not cfg.precompute_ref:
         errors.append("--ref_batch_size needs --precompute_ref")
     if cfg.ref_batch_size is not None and cfg.ref_batch_size < 1:
         errors.append("--ref_batch_size must be at least 1")
     if cfg.nll_weight < 0:
         errors.append("--nll_weight must be non-negative (it adds the chosen answer's NLL)")
-    if cfg.ref_offload and (cfg.strategy != "fsdp" or cfg.precompute_ref or opts.get("reference_free")):
+    if cfg.ref_offload and (cfg.strategy != "fsdp" or cfg.precompute_ref or reference_free):
         errors.append("--ref_offload needs --strategy fsdp and an online reference")
     elif cfg.ref_offload and not torch.cuda.is_available():
         errors.append("--ref_offload keeps the reference's shards in CPU memory off the GPU; on CPU it is moot")
-    if errors:
-        raise ValueError("invalid config: " + "; ".join(errors))
-    return opts
+    return errors
 
 
 def load_pairs(path, tokenizer, eot_id, cfg, name):
@@ -117,12 +111,12 @@ def collate(pairs, pad_id):
 
 def pair_losses(policy, ref_model, batch, opts, cfg, autocast):
     """Per-pair losses (B,) and the statistics to log, from one concatenated forward of the policy."""
-    fn = PREFERENCE_LOSSES[cfg.loss][0]
+    loss = PREFERENCE_LOSSES[cfg.loss]
     sums, counts = reference.sequence_stats(policy, batch, autocast)              # (2B,), (2B,)
     mean = opts["logp_agg"] == "mean"
     logps = sums / counts.clamp(min=1) if mean else sums
     chosen, rejected = logps.chunk(2)                                             # (B,), (B,)
-    if opts.get("reference_free"):
+    if loss.reference_free:
         ref_chosen = ref_rejected = None
     else:
         if ref_model is not None:  # online: same code path, eval mode, no graph
@@ -132,8 +126,8 @@ def pair_losses(policy, ref_model, batch, opts, cfg, autocast):
             ref_sums = batch["ref"].T.reshape(-1)                                 # (2B,)
         ref_logps = ref_sums / counts.clamp(min=1) if mean else ref_sums
         ref_chosen, ref_rejected = ref_logps.chunk(2)
-    extra = {k: v for k, v in opts.items() if k in ("label_smoothing", "simpo_gamma")}
-    losses = fn(chosen, rejected, ref_chosen, ref_rejected, opts["beta"], **extra)
+    kwargs = {k: v for k, v in opts.items() if k != "logp_agg"}  # logp_agg was used above
+    losses = loss.fn(chosen, rejected, ref_chosen, ref_rejected, **kwargs)
     if cfg.nll_weight:
         losses = losses + cfg.nll_weight * nll_term((sums / counts.clamp(min=1)).chunk(2)[0])
     # Rewards are beta x (log pi - log ref) from the log-probs the loss used (beta x log pi when ref-free).
@@ -181,6 +175,48 @@ def evaluate(model, ref_model, pairs, opts, cfg, collate_fn, device, autocast) -
     return {f"eval/{k}": v / len(pairs) for k, v in zip(keys, sums)}
 
 
+def reference_model(cfg: Config, tokenizer, dtype, device):
+    """The frozen reference (None for a reference-free loss) and, with --precompute_ref, its fingerprint.
+    The same weights as the policy by default, eval mode (dropout off), same dtype and forward code path,
+    so that at step 0 the policy and the reference agree exactly."""
+    if PREFERENCE_LOSSES[cfg.loss].reference_free:
+        return None, None
+    ref_model = models.load_model(cfg.ref_model or cfg.model, dtype=torch.float32).eval()
+    ref_model.requires_grad_(False)
+    fingerprint = None
+    if cfg.precompute_ref:  # of the loaded weights, before compiling or sharding changes the module
+        fingerprint = reference.fingerprint(ref_model, tokenizer, dtype, cfg.strategy, device.type)
+    if cfg.compile:  # the same kernels as the policy, so that the two agree at step 0
+        for layer in decoder_layers(ref_model):
+            layer.compile()
+    if not cfg.ref_offload:
+        ref_model.to(device)
+    if cfg.strategy == "fsdp":
+        ref_model = shard(ref_model, dtype, offload=cfg.ref_offload)
+    return ref_model, fingerprint
+
+
+def attach_reference(ref_model, fingerprint, pairs, cfg: Config, collate_fn, device, autocast):
+    """--precompute_ref: every pair gets "ref", its (chosen, rejected) summed reference log-probs, from the
+    cache in out_dir/ref_logps where present."""
+    cache = Path(cfg.out_dir) / "ref_logps" / f"{fingerprint}.safetensors"
+    ref, _ = reference.precompute(ref_model, pairs, [p["key"] for p in pairs], cache,
+                                  cfg.ref_batch_size or 2 * cfg.batch_size, collate_fn, device, autocast)
+    for p, r in zip(pairs, ref):
+        p["ref"] = r
+
+
+def train_step(model, ref_model, optimizer, lr, batches, real, consumed, opts, cfg, autocast, device):
+    """One optimizer step on a global batch of `consumed` pairs: the loss, gradient norm and statistics
+    (global-batch means) for the metrics row, and the non-pad tokens the policy saw on all ranks."""
+    local_seen = sum(b["attention_mask"].sum().item() for b, r in zip(batches, real) if r)
+    totals = accumulate(model, ref_model, batches, consumed, dist.world_size(), opts, cfg, autocast, device)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
+    keys = sorted(totals)
+    sums = dist.all_reduce_sum([totals[k] for k in keys] + [local_seen], device)
+    return {"grad_norm": grad_norm, **{k: v / consumed for k, v in zip(keys, sums)}}, sums[-1]
+
+
 def main(cfg: Config):
     opts = loss_options(cfg)
     rank, world, device = dist.setup(process_group=cfg.strategy == "fsdp")
@@ -194,51 +230,22 @@ def main(cfg: Config):
     pairs, counts = load_pairs(cfg.data, tokenizer, eot_id, cfg, "train")
     eval_pairs, eval_counts = load_pairs(cfg.eval_data, tokenizer, eot_id, cfg, "eval") if cfg.eval_data else ([], {})
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
-
-    # The reference: the same weights as the policy by default, frozen, eval mode (dropout off), same dtype
-    # and forward code path, so that at step 0 the policy and the reference agree exactly.
-    ref_model = None
-    if not opts.get("reference_free"):
-        ref_model = models.load_model(cfg.ref_model or cfg.model, dtype=torch.float32).eval()
-        ref_model.requires_grad_(False)
-        fingerprint = reference.fingerprint(ref_model, tokenizer, dtype, cfg.strategy, device.type) if cfg.precompute_ref else None
-        if cfg.compile:  # the same kernels as the policy, so that the two agree at step 0
-            for layer in decoder_layers(ref_model):
-                layer.compile()
-        if not cfg.ref_offload:
-            ref_model.to(device)
-        if cfg.strategy == "fsdp":
-            ref_model = shard(ref_model, dtype, offload=cfg.ref_offload)
+    ref_model, fingerprint = reference_model(cfg, tokenizer, dtype, device)
     if ref_model is not None and cfg.precompute_ref:
-        cache = out / "ref_logps" / f"{fingerprint}.safetensors"
-        everything = pairs + eval_pairs
-        ref, _ = reference.precompute(ref_model, everything, [p["key"] for p in everything], cache,
-                                      cfg.ref_batch_size or 2 * cfg.batch_size, collate_fn, device, autocast)
-        for p, r in zip(everything, ref):
-            p["ref"] = r
+        attach_reference(ref_model, fingerprint, pairs + eval_pairs, cfg, collate_fn, device, autocast)
         ref_model = None  # freed before training: precomputing is for the memory and the time
         gc.collect()
 
     # Dropout off in the policy too: with it, log pi and log ref differ at step 0 by noise, and h is biased.
     policy = disable_dropout(models.load_model(cfg.model, dtype=torch.float32))
     model = wrap(policy.to(device), cfg, device, world, dtype)  # fp32 master weights
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
-    global_batch_size = cfg.batch_size * cfg.grad_accum * world
-    n = len(pairs)
-    max_steps = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch(n, global_batch_size)
-    warmup_steps = int(cfg.warmup_ratio * max_steps)
-    config = dataclasses.asdict(cfg)
-    step, samples_seen, resumed = resume(cfg, model, optimizer)
-    meta = provenance({"data": cfg.data, "eval_data": cfg.eval_data}, seed=cfg.seed, world_size=world,
-                      device=str(device), dtype=dtype, config=config)
-    if rank == 0:
-        write_json(out / "config.json", {"loss_options": opts, "max_steps": max_steps,
-                                         "global_batch": global_batch_size, "warmup_steps": warmup_steps,
-                                         "train_counts": counts, "eval_counts": eval_counts, **meta})
-    dist.print0(f"global batch {global_batch_size} pairs = {cfg.batch_size} per device x {cfg.grad_accum} "
-                f"accumulation x {world} processes; {n} pairs, {max_steps} steps, {cfg.loss} {opts}, {dtype} on {device}")
-    metrics = MetricsFile(out / "metrics.jsonl", step if resumed else None, rank == 0)
+    optimizer = adamw(model, cfg, device)
+    global_batch_size, max_steps, warmup_steps = plan(cfg, len(pairs), world)
+    step, samples_seen, meta, metrics = start(cfg, model, optimizer, world, device, dtype, {
+        "loss_options": opts, "max_steps": max_steps, "global_batch": global_batch_size, "warmup_steps": warmup_steps,
+        "train_counts": counts, "eval_counts": eval_counts})
+    dist.print0(f"global batch {global_batch_size} pairs = {cfg.batch_size} per device x {cfg.grad_accum} accumulation "
+                f"x {world} processes; {len(pairs)} pairs, {max_steps} steps, {cfg.loss} {opts}, {dtype} on {device}")
     lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
     flops_token = flops_per_token(model, online_reference=ref_model is not None)
     bar = tqdm(total=max_steps, initial=step, disable=rank != 0, desc=cfg.loss, dynamic_ncols=True)
@@ -246,24 +253,14 @@ def main(cfg: Config):
     while step < max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, max_steps, cfg.lr, warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         batches, real, consumed, epoch = global_batch(pairs, lengths, samples_seen, cfg, rank, world, collate_fn,
                                                       stand_in)
-        local_seen = sum(b["attention_mask"].sum().item() for b, r in zip(batches, real) if r)
-        totals = accumulate(model, ref_model, batches, consumed, world, opts, cfg, autocast, device)
-        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats, tokens = train_step(model, ref_model, optimizer, lr, batches, real, consumed, opts, cfg, autocast,
+                                   device)
         samples_seen += consumed
         step += 1
-        keys = sorted(totals)
-        sums = dist.all_reduce_sum([totals[k] for k in keys] + [local_seen], device)
-        step_time = time.perf_counter() - t0
-        row = {"step": step, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": sums[-1] / step_time,
-               "tokens_per_sec_per_device": sums[-1] / step_time / world, "step_time": step_time, "epoch": epoch,
-               **mfu(flops_token, sums[-1], step_time, world),
-               **{k: v / consumed for k, v in zip(keys, sums)}}
+        row = {"step": step, "lr": lr, **stats, **speed(tokens, time.perf_counter() - t0, world, flops_token),
+               "epoch": epoch}
         if eval_pairs and (step == max_steps or cfg.eval_every and step % cfg.eval_every == 0):
             row.update(evaluate(model, ref_model, eval_pairs, opts, cfg, collate_fn, device, autocast))
         metrics.write(row, bar, log=step % cfg.log_every == 0)

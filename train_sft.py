@@ -6,7 +6,6 @@
 The loss is the mean negative log-likelihood over all response tokens of the global batch
 (porover.losses.sft_loss). Global batch = batch_size x grad_accum x world size.
 """
-import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -17,13 +16,12 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from porover import chat, dist, models
-from porover.config import parse, provenance
+from porover.config import parse
 from porover.data import format_counts, read_sft
 from porover.losses import sft_loss
-from porover.store import write_json
-from porover.parallel import clip_grad_norm, flops_per_token, grad_sync, mfu, precision, wrap
-from porover.training import (MetricsFile, TrainConfig, config_errors, finish, global_batch, lr_at, resume,
-                              save_and_export, steps_per_epoch)
+from porover.parallel import flops_per_token, grad_sync, precision, wrap
+from porover.training import (TrainConfig, adamw, config_errors, finish, global_batch, lr_at, optimizer_step, plan,
+                              save_and_export, speed, start)
 
 
 @dataclass
@@ -86,6 +84,19 @@ def evaluate(model, items, cfg, pad_id, device, autocast):
     return nll / tokens
 
 
+def train_step(model, optimizer, lr, batches, real, cfg, autocast, device) -> tuple[dict, float]:
+    """One optimizer step on a global batch: its loss and gradient norm for the metrics row, and the non-pad
+    tokens of its real examples on all ranks."""
+    # Normalise by the response tokens of the whole global batch (all micro-steps, all ranks).
+    local_tokens = sum(b["loss_mask"][:, 1:].sum().item() for b in batches)
+    local_seen = sum(b["attention_mask"].sum().item() for b, r in zip(batches, real) if r)
+    global_tokens = dist.all_reduce_sum([local_tokens], device)[0]
+    loss_sum = accumulate(model, batches, global_tokens, dist.world_size(), autocast, device)
+    grad_norm = optimizer_step(model, optimizer, lr, cfg.max_grad_norm)
+    loss_sum, seen = dist.all_reduce_sum([loss_sum, local_seen], device)
+    return {"loss": loss_sum, "grad_norm": grad_norm}, seen
+
+
 def main(cfg: Config):
     if errors := config_errors(cfg):
         raise ValueError("invalid config: " + "; ".join(errors))
@@ -101,24 +112,13 @@ def main(cfg: Config):
     eval_items, eval_counts = load_split(cfg.eval_data, tokenizer, eot_id, cfg, "eval") if cfg.eval_data else (None, {})
 
     model = wrap(models.load_model(cfg.model, dtype=torch.float32).to(device), cfg, device, world, dtype)  # fp32 master
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
-
-    global_batch_size = cfg.batch_size * cfg.grad_accum * world
-    n = len(train_items)
-    max_steps = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch(n, global_batch_size)
-    warmup_steps = int(cfg.warmup_ratio * max_steps)
-    config = dataclasses.asdict(cfg)
-    step, samples_seen, resumed = resume(cfg, model, optimizer)
-    meta = provenance({"data": cfg.data, "eval_data": cfg.eval_data}, seed=cfg.seed, world_size=world,
-                      device=str(device), dtype=dtype, config=config)
-    if rank == 0:
-        write_json(out / "config.json", {"max_steps": max_steps, "global_batch": global_batch_size,
-                                         "warmup_steps": warmup_steps, "train_counts": train_counts,
-                                         "eval_counts": eval_counts, **meta})
+    optimizer = adamw(model, cfg, device)
+    global_batch_size, max_steps, warmup_steps = plan(cfg, len(train_items), world)
+    step, samples_seen, meta, metrics = start(cfg, model, optimizer, world, device, dtype, {
+        "max_steps": max_steps, "global_batch": global_batch_size, "warmup_steps": warmup_steps,
+        "train_counts": train_counts, "eval_counts": eval_counts})
     dist.print0(f"global batch {global_batch_size} = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x "
-                f"{world} processes; {n} examples, {max_steps} steps, {dtype} on {device}")
-    metrics = MetricsFile(out / "metrics.jsonl", step if resumed else None, rank == 0)
+                f"{world} processes; {len(train_items)} examples, {max_steps} steps, {dtype} on {device}")
     lengths = [len(it["input_ids"]) for it in train_items]
     collate = partial(chat.collate, pad_id=tokenizer.pad_token_id)
     flops_token = flops_per_token(model, online_reference=False)
@@ -127,25 +127,13 @@ def main(cfg: Config):
     while step < max_steps:
         t0 = time.perf_counter()
         lr = lr_at(step, max_steps, cfg.lr, warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         batches, real, consumed, epoch = global_batch(train_items, lengths, samples_seen, cfg, rank, world,
                                                       collate, stand_in)
-        # Normalise by the response tokens of the whole global batch (all micro-steps, all ranks).
-        local_tokens = sum(b["loss_mask"][:, 1:].sum().item() for b in batches)
-        local_seen = sum(b["attention_mask"].sum().item() for b, r in zip(batches, real) if r)
-        global_tokens = dist.all_reduce_sum([local_tokens], device)[0]
-        loss_sum = accumulate(model, batches, global_tokens, world, autocast, device)
-        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats, tokens = train_step(model, optimizer, lr, batches, real, cfg, autocast, device)
         samples_seen += consumed
         step += 1
-        loss_sum, seen = dist.all_reduce_sum([loss_sum, local_seen], device)
-        step_time = time.perf_counter() - t0
-        row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": seen / step_time,
-               "tokens_per_sec_per_device": seen / step_time / world, "step_time": step_time, "epoch": epoch,
-               **mfu(flops_token, seen, step_time, world)}
+        row = {"step": step, "lr": lr, **stats, **speed(tokens, time.perf_counter() - t0, world, flops_token),
+               "epoch": epoch}
         if eval_items is not None and (step == max_steps or cfg.eval_every and step % cfg.eval_every == 0):
             row["eval/loss"] = evaluate(model, eval_items, cfg, tokenizer.pad_token_id, device, autocast)
         metrics.write(row, bar, log=step % cfg.log_every == 0)

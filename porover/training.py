@@ -14,8 +14,9 @@ import torch
 
 from porover import checkpoint, dist
 from porover.chat import length_grouped_order
-from porover.config import sha256
-from porover.store import cut_torn_line
+from porover.config import provenance, sha256
+from porover.parallel import clip_grad_norm, mfu
+from porover.store import cut_torn_line, write_json
 
 
 @dataclass
@@ -74,6 +75,48 @@ def config_errors(cfg: TrainConfig) -> list[str]:
     if cfg.compile and cfg.grad_checkpointing:
         errors.append("--compile with --grad_checkpointing is not supported: choose one")
     return errors
+
+
+def adamw(model, cfg: TrainConfig, device):
+    """AdamW over the (fp32 master) parameters, betas (0.9, 0.95), fused on CUDA."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                             fused=device.type == "cuda")
+
+
+def plan(cfg: TrainConfig, n: int, world: int) -> tuple[int, int, int]:
+    """(global batch, max_steps, warmup steps) for `n` training examples: --max_steps, else --epochs (1 by
+    default) of global batches."""
+    global_batch_size = cfg.batch_size * cfg.grad_accum * world
+    max_steps = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch(n, global_batch_size)
+    return global_batch_size, max_steps, int(cfg.warmup_ratio * max_steps)
+
+
+def start(cfg: TrainConfig, model, optimizer, world: int, device, dtype: str, summary: dict):
+    """Resume (or start afresh), write out_dir/config.json (`summary` and the provenance) on rank 0 and open
+    the metrics file: (step, global sample index, provenance, MetricsFile)."""
+    out = Path(cfg.out_dir)
+    step, samples_seen, resumed = resume(cfg, model, optimizer)
+    meta = provenance({"data": cfg.data, "eval_data": cfg.eval_data}, seed=cfg.seed, world_size=world,
+                      device=str(device), dtype=dtype, config=dataclasses.asdict(cfg))
+    if dist.rank() == 0:
+        write_json(out / "config.json", {**summary, **meta})
+    return step, samples_seen, meta, MetricsFile(out / "metrics.jsonl", step if resumed else None, dist.rank() == 0)
+
+
+def optimizer_step(model, optimizer, lr: float, max_grad_norm: float) -> float:
+    """Clip the accumulated gradients, step at learning rate `lr`, clear them; returns the norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    grad_norm = clip_grad_norm(model, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def speed(tokens: float, step_time: float, world: int, flops_token: int) -> dict:
+    """The throughput keys of a metrics row, from the non-pad tokens of one global batch (all ranks)."""
+    return {"tokens_per_sec": tokens / step_time, "tokens_per_sec_per_device": tokens / step_time / world,
+            "step_time": step_time, **mfu(flops_token, tokens, step_time, world)}
 
 
 def run_config(cfg: TrainConfig, world: int) -> dict:

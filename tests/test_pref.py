@@ -1,9 +1,11 @@
 """train_pref.py and the preference losses: hand-computed values, step 0, reference log-probs (online,
 precomputed, cached), learning on the embedded model, resume, and input rules."""
+import dataclasses
 import json
 import math
 import re
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,20 +47,40 @@ def test_losses_by_hand(beta, h, dpo, dpo_ls, ipo, hinge, robust, simpo):
     assert losses.simpo_loss(pc, pr, None, None, beta, simpo_gamma=1.0).item() == pytest.approx(simpo, abs=1e-6)
 
 
+# Chosen response of 2 tokens with log-probs (-1, -1), rejected of 4 tokens with (-1, -1, -1, -1), as the
+# logits of one concatenated pair batch (chosen row first); the reference gives 0 to every response.
+# Sum: h = -2 - (-4) = 2; token mean: h = -1 - (-1) = 0.
+AGG_LOGITS = torch.zeros(2, 5, 2)
+AGG_LOGITS[..., 1] = math.log(math.e - 1)  # softmax gives token 0 probability 1/e: log-prob -1
+AGG_IDS = torch.zeros(2, 5, dtype=torch.long)
+AGG_MASK = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]])
+
+
 def test_sum_and_mean_aggregation_feed_the_losses():
-    """Chosen response of 2 tokens with log-probs (-1, -1), rejected of 4 tokens with (-1, -1, -1, -1); the
-    reference gives 0 to every token (uniform logits over a vocabulary of 1 is degenerate, so we build the
-    log-probs directly). Sum: h = -2 - (-4) = 2; mean: h = -1 - (-1) = 0. IPO at beta 0.5: sum (2 - 1)^2 = 1,
-    mean (0 - 1)^2 = 1; DPO at beta 0.5: sum S(-1) = 0.313262, mean ln 2."""
-    logits = torch.zeros(2, 5, 2)
-    logits[..., 1] = math.log(math.e - 1)  # softmax gives token 0 probability 1/e: log-prob -1
-    ids = torch.zeros(2, 5, dtype=torch.long)
-    mask = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]])
-    s, m = losses.sequence_logps(logits, ids, mask, "sum"), losses.sequence_logps(logits, ids, mask, "mean")
+    """On the pair above. DPO at beta 0.5: sum S(-beta h) = S(-1) = ln(1 + 1/e) = 0.313262, mean S(0) = ln 2.
+    IPO at beta 0.1 (1/(2 beta) = 5): sum (2 - 5)^2 = 9, mean (0 - 5)^2 = 25."""
+    s = losses.sequence_logps(AGG_LOGITS, AGG_IDS, AGG_MASK, "sum")
+    m = losses.sequence_logps(AGG_LOGITS, AGG_IDS, AGG_MASK, "mean")
     assert s.tolist() == pytest.approx([-2, -4]) and m.tolist() == pytest.approx([-1, -1])
     zero = torch.zeros(1)
     assert losses.dpo_loss(s[:1], s[1:], zero, zero, 0.5).item() == pytest.approx(0.313262, abs=1e-6)
     assert losses.dpo_loss(m[:1], m[1:], zero, zero, 0.5).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert losses.ipo_loss(s[:1], s[1:], zero, zero, 0.1).item() == pytest.approx(9.0, abs=1e-5)
+    assert losses.ipo_loss(m[:1], m[1:], zero, zero, 0.1).item() == pytest.approx(25.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("logp_agg,expected", [(None, 25.0), ("mean", 25.0), ("sum", 9.0)])
+def test_the_trainer_aggregates_as_the_loss_says(logp_agg, expected):
+    """train_pref.pair_losses on the pair above (a stand-in policy returning its logits; the reference
+    precomputed as 0): IPO at beta 0.1 uses the token mean by default (25), the sum with --logp_agg sum (9)."""
+    cfg = train_pref.Config(loss="ipo", beta=0.1, logp_agg=logp_agg)
+    opts = train_pref.loss_options(cfg)
+    batch = {"input_ids": AGG_IDS, "attention_mask": torch.ones_like(AGG_IDS), "loss_mask": AGG_MASK,
+             "weight": torch.ones(1), "ref": torch.zeros(1, 2)}
+    policy = lambda **kw: SimpleNamespace(logits=AGG_LOGITS)  # noqa: E731
+    pair, stats = train_pref.pair_losses(policy, None, batch, opts, cfg, torch.autocast("cpu", enabled=False))
+    assert pair.tolist() == pytest.approx([expected], abs=1e-5)
+    assert stats["length/chosen"] == 2 and stats["length/rejected"] == 4
 
 
 # ---- the model side --------------------------------------------------------------------------------------
@@ -98,7 +120,8 @@ def test_concatenated_forward_equals_separate_forwards(smol_tok):
         both, counts = reference.sequence_stats(model, collate(pairs), torch.autocast("cpu", enabled=False))
         chosen = reference.sequence_stats(model, chat.collate([p["chosen"] for p in pairs], 2), torch.autocast("cpu", enabled=False))[0]
         rejected = reference.sequence_stats(model, chat.collate([p["rejected"] for p in pairs], 2), torch.autocast("cpu", enabled=False))[0]
-    assert torch.allclose(both, torch.cat([chosen, rejected]), rtol=1e-6, atol=1e-3)  # SPEC §9.2: other padding
+    # Other padding changes the float summation order: 1e-3 nats at most.
+    assert torch.allclose(both, torch.cat([chosen, rejected]), rtol=1e-6, atol=1e-3)
     assert counts.tolist() == [sum(p[s]["loss_mask"]) for s in ("chosen", "rejected") for p in pairs]
 
 
@@ -131,7 +154,7 @@ def test_precomputed_equals_online(smol_tok, tmp_path):
         online = reference.sequence_stats(model, collate(pairs), off)[0]
     assert torch.equal(ref.T.reshape(-1).float(), online)  # identical batching: exact
     one_by_one, _ = reference.precompute(model, pairs, keys, tmp_path / "d.safetensors", 1, collate, "cpu", off)
-    assert torch.allclose(one_by_one, ref, rtol=1e-6, atol=1e-3)  # other batching: SPEC §9.2
+    assert torch.allclose(one_by_one, ref, rtol=1e-6, atol=1e-3)  # other batching: 1e-3 nats at most
     again, computed = reference.precompute(model, pairs, keys, tmp_path / "c.safetensors", 2, collate, "cpu", off)
     assert computed == 0 and torch.equal(again, ref)
 
@@ -232,6 +255,13 @@ def test_resume_is_exact(tiny_dir, tmp_path, monkeypatch):
     (dict(ref_batch_size=0, precompute_ref=True), "--ref_batch_size must be at least 1"),
     (dict(nll_weight=-5.0), "--nll_weight must be non-negative"),
     (dict(beta=0.0), "--beta must be positive"),
+    (dict(loss="simpo", beta=-1.0), "--beta must be positive"),
+    (dict(loss="dpo", label_smoothing=0.5), r"--label_smoothing must be in \[0, 0\.5\)"),
+    (dict(loss="robust", label_smoothing=0.0), "< 0.5"),
+    (dict(loss="hinge", label_smoothing=0.1), "--label_smoothing is not used by --loss hinge"),
+    (dict(loss="simpo", label_smoothing=0.1), "--label_smoothing is not used by --loss simpo"),
+    (dict(loss="ipo", simpo_gamma=0.5), "--simpo_gamma is not used by --loss ipo"),
+    (dict(loss="dpo", logp_agg="avg"), "--logp_agg must be sum or mean"),
 ])
 def test_unused_or_contradictory_options_are_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -280,20 +310,76 @@ def test_learns_on_the_embedded_model(tmp_path, loss):
     assert last["eval/logps/rejected"] < first["logps/rejected"]
 
 
+def readme_blocks(heading: str) -> list[str]:
+    """The ```python blocks of the README section that starts at the line `heading`."""
+    text = open("README.md").read()
+    start = text.find("\n" + heading + "\n")
+    assert start >= 0, f"README.md has no section {heading!r}"
+    section = text[start + len(heading) + 2:].split("\n## ")[0]
+    return re.findall(r"^```python\n(.*?)^```$", section, re.S | re.M)
+
+
 def test_readme_add_a_loss(tiny_dir, tmp_path, monkeypatch):
-    """The README's "Adding a loss" block, run as written: `--loss exp` trains, and its step-0 loss is the
-    documented value exp(0) = 1."""
-    readme = open("README.md").read()
-    block = re.search(r"<!-- add-a-loss -->\n```python\n(.*?)```\n<!-- /add-a-loss -->", readme, re.S).group(1)
-    monkeypatch.setattr(losses, "PREFERENCE_LOSSES", dict(losses.PREFERENCE_LOSSES))
-    monkeypatch.setattr(train_pref, "PREFERENCE_LOSSES", losses.PREFERENCE_LOSSES)
-    exec(block, vars(losses))  # as if pasted into porover/losses.py
+    """The README's "Adding a loss" blocks, run as written: the first as if pasted into porover/losses.py,
+    the second as train_pref.py's Config. `--loss odpo` then trains, its flag parses, its default is
+    the function's, its check and the rule on options other losses do not take hold, and its step-0 loss
+    is the documented log(1 + e^delta) (1.313262 at delta 1)."""
+    loss_block, flag_block = readme_blocks("## Adding a loss")[:2]
+    table = dict(losses.PREFERENCE_LOSSES)
+    monkeypatch.setattr(train_pref, "PREFERENCE_LOSSES", table)
+    exec(loss_block, {**vars(losses), "PREFERENCE_LOSSES": table})
+    with pytest.raises(ValueError, match="loss options without a flag: add odpo_offset to train_pref.Config"):
+        train_pref.loss_options(train_pref.Config(loss="odpo"))
+    namespace = {"dataclass": dataclasses.dataclass, "TrainConfig": train_pref.Config}
+    exec(flag_block, namespace)
+    monkeypatch.setattr(train_pref, "Config", namespace["Config"])
+    assert train_pref.parse(train_pref.Config, ["--loss", "odpo", "--odpo_offset", "1.0"]).odpo_offset == 1.0
+    assert train_pref.loss_options(train_pref.Config(loss="odpo"))["odpo_offset"] == 0.5
+    for kw, match in ((dict(loss="dpo", odpo_offset=1.0), "--odpo_offset is not used by --loss dpo"),
+                      (dict(loss="odpo", odpo_offset=-1.0), "--odpo_offset must be non-negative"),
+                      (dict(loss="odpo", simpo_gamma=1.0), "--simpo_gamma is not used by --loss odpo")):
+        with pytest.raises(ValueError, match=match):
+            train_pref.loss_options(train_pref.Config(**kw))
     model = str(tmp_path / "m")
     tiny_llama(dropout=0.0).save_pretrained(model)
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(model)
     data = write_pairs(tmp_path / "p.jsonl", PAIRS)
-    train_pref.main(base_cfg(model, data, tmp_path / "run", loss="exp"))
-    assert rows(tmp_path / "run")[0]["loss"] == pytest.approx(1.0, abs=1e-6)
+    train_pref.main(base_cfg(model, data, tmp_path / "run", loss="odpo", odpo_offset=1.0))
+    assert rows(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(1 + math.e), abs=1e-6)
+
+
+def test_a_loss_table_line_is_checked_against_its_function():
+    """Options come from the function's signature: each needs a default, beta among them; a check may
+    only name an option the loss takes."""
+    def no_default(pc, pr, rc, rr, beta, width):
+        return pc
+    def no_beta(pc, pr, rc, rr, width=1.0):
+        return pc
+    for fn in (no_default, no_beta):
+        with pytest.raises(TypeError, match="every parameter needs a default, and beta is one of them"):
+            losses.PreferenceLoss(fn, "sum")
+    with pytest.raises(TypeError, match=r"checks for options it does not take: \['gamma'\]"):
+        losses.PreferenceLoss(losses.dpo_loss, "sum", {"gamma": losses.POSITIVE})
+
+
+def test_bf16_on_cpu_step_zero_is_ln2(tiny_dir, tmp_path, monkeypatch):
+    """--dtype bf16 on CPU (DDP path, one process): policy and reference run the same bf16-autocast forward
+    (their logits are bf16), so DPO's first loss is ln 2 within bf16's relative precision (2^-8)."""
+    dtypes = set()
+
+    def recording_token_logps(logits, *args):
+        dtypes.add(logits.dtype)
+        return losses.token_logps(logits, *args)
+    monkeypatch.setattr(reference, "token_logps", recording_token_logps)
+    model = str(tmp_path / "m")
+    tiny_llama(dropout=0.0).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(model)
+    data = write_pairs(tmp_path / "p.jsonl", PAIRS)
+    train_pref.main(base_cfg(model, data, tmp_path / "run", dtype="bf16", strategy="ddp", max_steps=2))
+    assert dtypes == {torch.bfloat16}
+    assert json.loads((tmp_path / "run/config.json").read_text())["dtype"] == "bf16"
+    first, second = rows(tmp_path / "run")
+    assert first["loss"] == pytest.approx(math.log(2), rel=2 ** -8) and second["loss"] < first["loss"]
 
 
 def test_policy_dropout_is_off_so_step_zero_is_exact(tiny_dir, tmp_path):
@@ -306,7 +392,8 @@ def test_policy_dropout_is_off_so_step_zero_is_exact(tiny_dir, tmp_path):
 
 def test_precomputed_at_other_batching_step_zero(tiny_dir, tmp_path):
     """Pairs of uneven length; the reference precomputed one pair at a time (no padding), training at batch 3
-    (padded): DPO's first loss is ln 2 to 1e-4 (SPEC §9.6)."""
+    (padded): DPO's first loss is ln 2 to 1e-4 (the reference's log-probs differ from the policy's by
+    float summation order only)."""
     model = str(tmp_path / "m")
     tiny_llama(dropout=0.0).save_pretrained(model)
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(model)
