@@ -1,4 +1,4 @@
-"""Chat template, tokenization, loss masks, truncation and batching (SPEC §4).
+"""Chat template, tokenization, loss masks, truncation and batching (README "Tokenization and masks").
 
 The training sequence is exactly what the model sees at inference: the prompt rendered by the chat
 template with the generation prompt, then the response text tokenized on its own, then the template's

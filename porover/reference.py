@@ -1,4 +1,5 @@
-"""Reference-model log-probs for preference losses: online, or precomputed once and cached (SPEC §1, §9.8).
+"""Reference-model log-probs for preference losses: computed online in the policy's forward code path, or
+precomputed once (--precompute_ref) and cached.
 
 The cache is a safetensors file named by a fingerprint of the reference (its weights, config, tokenizer,
 chat template, dtype) and holding one (chosen, rejected) pair of summed log-probs per training pair, keyed by a

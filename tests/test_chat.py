@@ -1,4 +1,4 @@
-"""Tokenization policy (SPEC §4) on the real SmolLM2 tokenizer."""
+"""Tokenization policy (README "Tokenization and masks") on the real SmolLM2 tokenizer."""
 from collections import Counter
 
 import pytest

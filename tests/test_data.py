@@ -1,4 +1,4 @@
-"""Input rules (SPEC §3): an error names file, line and field; an unusable example is a counted skip."""
+"""Input rules: an error names file, line and field; an unusable example is a counted skip."""
 import json
 
 import pytest
