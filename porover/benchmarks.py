@@ -1,4 +1,4 @@
-"""Benchmark prompt loaders (SPEC §3). Every record leaves here with `id`, `prompt` (or `messages`), `type`
+"""Benchmark prompt loaders. Every record leaves here with `id`, `prompt` (or `messages`), `type`
 (general / toxic / seemingly_toxic), `label` (safe / unsafe), `category` and `benchmark`; any other field
 or CSV column is kept. Broken input is an error naming the file, the line and the field.
 

@@ -1,5 +1,5 @@
 """One client for every OpenAI-compatible chat endpoint (OpenAI, Azure OpenAI, vLLM, TGI, Ollama, llama.cpp
-server), with the project's only retry layer (SPEC §7). Training code never imports this module.
+server), with the project's only retry layer. Training code never imports this module.
 
 Built on AsyncOpenAI rather than OpenAI in threads: a request waiting on the network costs a task, not a
 thread, so hundreds can be in flight from one core; backoff sleeps hold nothing; and a fatal error cancels

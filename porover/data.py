@@ -1,4 +1,4 @@
-"""JSONL input: strict errors for broken files, counted skips for unusable examples (SPEC §3).
+"""JSONL input: strict errors for broken files, counted skips for unusable examples.
 
 An error names the file, the line and the field: the user fixes the file and nothing is lost. A skip is
 an example that is well-formed but cannot be trained on (an empty response, a prompt with no room left):

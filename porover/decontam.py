@@ -1,4 +1,4 @@
-"""Decontamination (SPEC §1): a training prompt that matches an eval prompt is dropped and counted.
+"""Decontamination: a training prompt that matches an eval prompt is dropped and counted.
 
 Three tests, strictest first, each reported under its own name:
   exact       the same text, surrounding whitespace aside;

@@ -1,4 +1,4 @@
-"""Evaluation statistics (SPEC §8): pure functions over per-prompt outcomes and response records.
+"""Evaluation statistics: pure functions over per-prompt outcomes and response records.
 
 An outcome is a bool per prompt, True for the good side: "not unsafe" on a toxic prompt, "not refused" on
 a benign one. None is a judgement nobody could read (`unparseable`, or a safety judge without an answer):

@@ -1,5 +1,5 @@
-"""POROver's preference pairs (SPEC §1 step 3, the paper's "Algorithm 1" [reconstruction]) from judged
-candidates: pure functions, so every threshold is tested on hand-made inputs.
+"""POROver's preference pairs (the paper's "Algorithm 1", as reconstructed: README "Deviations and
+reconstructions") from judged candidates: pure functions, so every threshold is tested on hand-made inputs.
 
 For a seemingly toxic prompt x with the student's first K samples y_1..y_K (sampled, temperature > 0):
 
@@ -12,8 +12,8 @@ Safety anchors on toxic prompts keep the student refusing what it should: chosen
 (safety_score >= tau_safe; without a safety judge, a teacher refusal), rejected = an unsafe student sample
 (without a safety judge, one that complied: the proxy, counted as such).
 
-A candidate here is a dict from overgen.py's readers after its judges ran (lists in slot order, so seeded
-choices do not depend on the order a file was written in): "text", "slot", "status",
+A candidate here is a dict from porover.selection.read_candidates after porover.judging ran (lists in slot
+order, so seeded choices do not depend on the order a file was written in): "text", "slot", "status",
 "finish_reason", and "_refusal" (bool, None when unjudged), "_p_unsafe" and "_unsafe" (None without a verdict).
 Each function returns (pair or None, outcome): the outcome names the first filter a prompt failed, for the counts.
 """

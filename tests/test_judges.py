@@ -1,4 +1,4 @@
-"""Judges (SPEC §8): label tables, the keyword judge, the LLM judge's parser, Llama Guard's prompt, parser
+"""Judges: label tables, the keyword judge, the LLM judge's parser, Llama Guard's prompt, parser
 and soft score, and the keyword judge's agreement with the frozen hand labels."""
 import hashlib
 import json
