@@ -39,8 +39,8 @@ def via_overgen(base_url, c, n, tmp):
     prompts = Path(tmp) / f"prompts{c}.jsonl"
     prompts.write_text("".join(json.dumps({"id": str(i), "prompt": f"prompt {i}"}) + "\n" for i in range(n)))
     out = Path(tmp) / f"out{c}.jsonl"
-    overgen.main(overgen.GenerateConfig(input=str(prompts), output=str(out), base_url=base_url, teacher_model="bench",
-                                        n=1, max_tokens=16, concurrency=c))
+    overgen.main(overgen.GenerateConfig(input=str(prompts), output=str(out), base_url=base_url, model="bench",
+                                        n=1, max_new_tokens=16, concurrency=c))
     assert len(out.read_text().splitlines()) == n
 
 
