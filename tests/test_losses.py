@@ -1,11 +1,12 @@
-"""Log-probs and the SFT loss: hand-computed values, fp32, padding invariance, global token mean."""
+"""Log-probs, the SFT loss and the preference losses: hand-computed values, fp32, padding invariance, global
+token mean, and the checks of the loss table."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from porover import chat
+from porover import chat, losses
 from porover.label_logps import LabelLogps
 from porover.losses import sequence_logps, sft_loss, token_logps
 from tests.conftest import tiny_llama
@@ -120,3 +121,67 @@ def test_label_logps_matches_cross_entropy_in_values_and_gradient(dtype, monkeyp
     assert g_lean.dtype == dtype and torch.allclose(g_lean.float(), x.grad.float(), rtol=1e-2 if dtype == torch.bfloat16
                                                     else 1e-5, atol=1e-6)
     assert torch.allclose(g_lean.float().sum(-1), torch.zeros(10), atol=1e-2)  # softmax - onehot sums to 0 per row
+
+
+# ---- losses against hand-computed values --------------------------------------------------------------
+
+@pytest.mark.parametrize("beta,h,dpo,dpo_ls,ipo,hinge,robust,simpo", [
+    (0.1, -1, 0.744397, 0.734397, 36.0, 1.1, 0.756897, 1.387335),
+    (0.1, 0, 0.693147, 0.693147, 25.0, 1.0, 0.693147, 1.313262),
+    (0.1, 2, 0.598139, 0.618139, 9.0, 0.8, 0.573139, 1.171101),
+    (0.5, -1, 0.974077, 0.924077, 4.0, 1.5, 1.036577, 1.701413),
+    (0.5, 0, 0.693147, 0.693147, 1.0, 1.0, 0.693147, 1.313262),
+    (0.5, 2, 0.313262, 0.413262, 1.0, 0.0, 0.188262, 0.693147),
+])
+def test_losses_by_hand(beta, h, dpo, dpo_ls, ipo, hinge, robust, simpo):
+    """With S(x) = log(1 + e^x) = -log sigmoid(-x), and the margin h put on the chosen policy log-prob:
+    dpo = S(-beta h); dpo with eps = 0.1: 0.9 S(-beta h) + 0.1 S(beta h); ipo = (h - 1/(2 beta))^2;
+    hinge = max(0, 1 - beta h); robust (eps 0.1) = (0.9 S(-beta h) - 0.1 S(beta h)) / 0.8;
+    simpo (gamma 1, reference-free, h = difference of mean log-probs) = S(-(beta h - 1)).
+    E.g. beta 0.5, h 2: S(-1) = ln(1 + 1/e) = 0.313262; S(1) = 1.313262; robust (0.281936 - 0.131326)/0.8."""
+    pc, pr, rc, rr = torch.tensor([float(h)]), torch.zeros(1), torch.zeros(1), torch.zeros(1)
+    # The same h from non-zero reference log-probs: only the differences matter.
+    pc2, pr2, rc2, rr2 = torch.tensor([h - 7.0]), torch.tensor([-3.0]), torch.tensor([-7.0]), torch.tensor([-3.0])
+    for args in ((pc, pr, rc, rr), (pc2, pr2, rc2, rr2)):
+        assert losses.dpo_loss(*args, beta).item() == pytest.approx(dpo, abs=1e-6)
+        assert losses.dpo_loss(*args, beta, label_smoothing=0.1).item() == pytest.approx(dpo_ls, abs=1e-6)
+        assert losses.ipo_loss(*args, beta).item() == pytest.approx(ipo, abs=1e-5)
+        assert losses.hinge_loss(*args, beta).item() == pytest.approx(hinge, abs=1e-6)
+        assert losses.robust_loss(*args, beta, label_smoothing=0.1).item() == pytest.approx(robust, abs=1e-6)
+    assert losses.simpo_loss(pc, pr, None, None, beta, simpo_gamma=1.0).item() == pytest.approx(simpo, abs=1e-6)
+
+
+# Chosen response of 2 tokens with log-probs (-1, -1), rejected of 4 tokens with (-1, -1, -1, -1), as the
+# logits of one concatenated pair batch (chosen row first); the reference gives 0 to every response.
+# Sum: h = -2 - (-4) = 2; token mean: h = -1 - (-1) = 0.
+AGG_LOGITS = torch.zeros(2, 5, 2)
+AGG_LOGITS[..., 1] = math.log(math.e - 1)  # softmax gives token 0 probability 1/e: log-prob -1
+AGG_IDS = torch.zeros(2, 5, dtype=torch.long)
+AGG_MASK = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]])
+
+
+def test_sum_and_mean_aggregation_feed_the_losses():
+    """On the pair above. DPO at beta 0.5: sum S(-beta h) = S(-1) = ln(1 + 1/e) = 0.313262, mean S(0) = ln 2.
+    IPO at beta 0.1 (1/(2 beta) = 5): sum (2 - 5)^2 = 9, mean (0 - 5)^2 = 25."""
+    s = losses.sequence_logps(AGG_LOGITS, AGG_IDS, AGG_MASK, "sum")
+    m = losses.sequence_logps(AGG_LOGITS, AGG_IDS, AGG_MASK, "mean")
+    assert s.tolist() == pytest.approx([-2, -4]) and m.tolist() == pytest.approx([-1, -1])
+    zero = torch.zeros(1)
+    assert losses.dpo_loss(s[:1], s[1:], zero, zero, 0.5).item() == pytest.approx(0.313262, abs=1e-6)
+    assert losses.dpo_loss(m[:1], m[1:], zero, zero, 0.5).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert losses.ipo_loss(s[:1], s[1:], zero, zero, 0.1).item() == pytest.approx(9.0, abs=1e-5)
+    assert losses.ipo_loss(m[:1], m[1:], zero, zero, 0.1).item() == pytest.approx(25.0, abs=1e-5)
+
+
+def test_a_loss_table_line_is_checked_against_its_function():
+    """Options come from the function's signature: each needs a default, beta among them; a check may
+    only name an option the loss takes."""
+    def no_default(pc, pr, rc, rr, beta, width):
+        return pc
+    def no_beta(pc, pr, rc, rr, width=1.0):
+        return pc
+    for fn in (no_default, no_beta):
+        with pytest.raises(TypeError, match="every parameter needs a default, and beta is one of them"):
+            losses.PreferenceLoss(fn, "sum")
+    with pytest.raises(TypeError, match=r"checks for options it does not take: \['gamma'\]"):
+        losses.PreferenceLoss(losses.dpo_loss, "sum", {"gamma": losses.POSITIVE})
