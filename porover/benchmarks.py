@@ -3,10 +3,12 @@
 or CSV column is kept. Broken input is an error naming the file, the line and the field.
 
 A spec names what to load: `demo` or `demo:dev` (the data/demo splits), a JSONL file, an XSTest CSV
-(`id,prompt,type,label,...`) or an OR-Bench CSV (`prompt,category`); `PATH@TYPE` sets the type of an
+(`id,prompt,type,label,...`), an OR-Bench CSV (`prompt,category`) or a safety-tuned-llamas JSON file
+(`{"instructions": [...], "inputs": [...]}`: Q-Harm, I-CoNa, I-Controversial); `PATH@TYPE` sets the type of an
 OR-Bench file whose name does not say it (Hard-1K: seemingly_toxic, Toxic: toxic).
 """
 import csv
+import json
 from pathlib import Path
 
 from porover.data import DataError, prompt_messages, read_jsonl
@@ -109,6 +111,37 @@ def load_orbench(path, prompt_type: str | None = None) -> list[dict]:
     return out
 
 
+def load_instructions(path) -> list[dict]:
+    """A safety-tuned-llamas evaluation file (Bianchi et al. 2024): {"instructions": [str], "inputs": [str]}, every
+    prompt a harmful request (type toxic). A non-empty input follows its instruction after a blank line; `inputs`
+    may be absent or empty (the published Q-Harm and I-CoNa files ship `[]`). Ids are `<stem>-00001`...,
+    benchmark and category the file's stem."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object with field 'instructions', got {type(obj).__name__}")
+    instructions, inputs = obj.get("instructions"), obj.get("inputs") or []
+    if not isinstance(instructions, list) or not all(isinstance(s, str) for s in instructions):
+        raise DataError(f"{path}: field 'instructions' must be a list of strings")
+    if not isinstance(inputs, list) or not all(isinstance(s, str) for s in inputs):
+        raise DataError(f"{path}: field 'inputs' must be a list of strings")
+    if inputs and len(inputs) != len(instructions):
+        raise DataError(f"{path}: field 'inputs' has {len(inputs)} entries for {len(instructions)} instructions")
+    stem, out = Path(path).stem, []
+    for i, (text, extra) in enumerate(zip(instructions, inputs or [""] * len(instructions)), 1):
+        if not text.strip():
+            raise DataError(f"{path}: field 'instructions'[{i - 1}] is empty")
+        out.append({"id": f"{stem}-{i:05d}", "prompt": f"{text}\n\n{extra}" if extra.strip() else text,
+                    "type": "toxic", "label": "unsafe", "category": stem, "benchmark": stem})
+    return out
+
+
 def load_demo(split: str = "eval", root=DEMO_ROOT) -> list[dict]:
     """The data/demo prompt splits of one split (train/dev/eval), all three types, as benchmark "demo"."""
     return [rec for t in ("toxic", "seemingly_toxic", "general")
@@ -130,6 +163,10 @@ def load(spec: str) -> list[dict]:
                 raise DataError(f"{spec}: an XSTest file carries its own types; drop @{prompt_type}")
             return load_xstest(path)
         return load_orbench(path, prompt_type or None)
+    if path.endswith(".json"):
+        if prompt_type:
+            raise DataError(f"{spec}: a safety-tuned-llamas file holds harmful requests only; drop @{prompt_type}")
+        return load_instructions(path)
     return load_jsonl(path, prompt_type=prompt_type or None)
 
 
