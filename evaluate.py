@@ -9,6 +9,7 @@
     python evaluate.py score --input judged.jsonl --output results.json
     python evaluate.py compare --runs runs/eval/base,runs/eval/sft --out_dir runs/compare
     python evaluate.py select --start runs/eval/sft --runs runs/eval/step_100,runs/eval/step_200 --floor 0.95
+    python evaluate.py winrate --input responses.jsonl --references refs.jsonl --output winrate.json --judge_model gpt-4o
 
 generate appends one flushed line per answer, keyed by a hash of what decides it (model, sampling, prompt); a rerun
 keeps every answer whose key still matches (refreshed with the current input's other fields) and generates the
@@ -31,6 +32,7 @@ from porover import benchmarks, dist, generation, judging, metrics, report
 from porover.config import parse, provenance
 from porover.data import DataError, prompt_messages, read_jsonl
 from porover.store import Store, key_of, write_json, write_jsonl, write_text
+from porover.winrate import WinRateConfig, winrate
 
 GEN_FIELDS = ("response", "finish_reason", "n_tokens", "gen_model")
 
@@ -234,7 +236,7 @@ def judge(cfg: JudgeConfig) -> Counter:
     out = Path(cfg.output)
     with Store(sibling(out, ".judge_cache.jsonl")) as cache:
         counts = Counter(torn_lines=cache.torn)
-        ids = judging.run(cfg, rows, cache, counts, safety_types=("toxic",))
+        ids = judging.run(cfg, cache, counts, rows, [r for r in rows if r["_type"] == "toxic"])
     judged = []
     for r in rows:
         f = judged_fields(r, ids, cfg.safety_judge != "none" and r["_type"] == "toxic")
@@ -362,7 +364,8 @@ def select(cfg: SelectConfig) -> dict:
 
 
 COMMANDS = {"generate": (GenerateConfig, generate), "judge": (JudgeConfig, judge), "score": (ScoreConfig, score),
-            "run": (RunConfig, run), "compare": (CompareConfig, compare), "select": (SelectConfig, select)}
+            "run": (RunConfig, run), "compare": (CompareConfig, compare), "select": (SelectConfig, select),
+            "winrate": (WinRateConfig, winrate)}
 
 
 def main(cfg):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from porover import decontam, generation, judging, pairs, sampling, selection
+from porover import decontam, generation, judging, pairs, reward, sampling, selection
 from porover.client import FatalAPIError, endpoint_host
 from porover.config import parse, provenance
 from porover.data import DataError
@@ -131,43 +131,40 @@ def generate(cfg: GenerateConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# select and pairs: judged choices from generate's records
+# select, overrefused and pairs: judged choices from generate's records
 
 @dataclass
-class ChooseConfig(judging.JudgeConfig):
-    """What select and pairs share: judges, decontamination, the seed of every random choice."""
+class ChooseConfig(judging.JudgeConfig, reward.RewardConfig):
+    """What select, overrefused and pairs share: judges, reward model, decontamination, the seed of random choices."""
     seed: int = 0
     eval_files: tuple[str, ...] = ()  # --eval_files a.jsonl b.csv ... (repeatable): decontaminate against these
     ngram: int = decontam.NGRAM
     near_threshold: float = decontam.THRESHOLD
-    judge_cache: str | None = None  # default: <output stem>.judge_cache.jsonl
+    judge_cache: str | None = None  # default: <first input's stem>.judge_cache.jsonl (shared by overrefused, pairs)
 
 
-def choose_errors(cfg: ChooseConfig, required: tuple[str, ...], judged: bool) -> list[str]:
-    e = [f"--{k} is required" for k in required if not getattr(cfg, k)]
-    if not judged:
-        judge_flags = [f.name for f in dataclasses.fields(judging.JudgeConfig)] + ["reward_model"]
-        e += [f"--{k} does not apply to --strategy random" for k in judge_flags
-              if getattr(cfg, k, None) != getattr(type(cfg), k, None)]
+def resolved(cfg, required: tuple[str, ...], judged: bool, extra: list[str] = ()):
+    """eval_files as a tuple; every flag checked (a flag the run would ignore is an error, never a no-op)."""
+    cfg = dataclasses.replace(cfg, eval_files=(cfg.eval_files,) if isinstance(cfg.eval_files, str) else
+                              tuple(cfg.eval_files))
+    e = [f"--{k} is required" for k in required if not getattr(cfg, k)] + list(extra)
+    if judged:
+        e += judging.config_errors(cfg) + reward.reward_errors(cfg)
     else:
-        e += judging.config_errors(cfg)
+        flags = [f.name for f in dataclasses.fields(ChooseConfig)
+                 if f.name not in ("seed", "eval_files", "ngram", "near_threshold")]
+        e += [f"--{k} does not apply to --strategy random" for k in flags if getattr(cfg, k) != getattr(type(cfg), k)]
     e += [f"--{k} applies only with --eval_files" for k in ("ngram", "near_threshold")
           if not cfg.eval_files and getattr(cfg, k) != getattr(ChooseConfig, k)]
     if cfg.ngram < decontam.MIN_WORDS or not 0 < cfg.near_threshold <= 1:
         e.append(f"--ngram must be at least {decontam.MIN_WORDS} and --near_threshold in (0, 1]")
-    return e
-
-
-def resolved(cfg, required: tuple[str, ...], judged: bool, extra: list[str] = ()):
-    cfg = dataclasses.replace(cfg, eval_files=(cfg.eval_files,) if isinstance(cfg.eval_files, str) else
-                              tuple(cfg.eval_files))
-    if e := choose_errors(cfg, required, judged) + list(extra):
+    if e:
         raise ValueError("invalid config: " + "; ".join(e))
     return cfg
 
 
-def judge_cache(cfg: ChooseConfig, out: Path, counts: Counter) -> Store:
-    cache = Store(cfg.judge_cache or sibling(out, ".judge_cache.jsonl"))
+def judge_cache(cfg: ChooseConfig, first_input: str, counts: Counter) -> Store:
+    cache = Store(cfg.judge_cache or sibling(Path(first_input), ".judge_cache.jsonl"))
     counts["cache_torn_lines_truncated"] = cache.torn
     return cache
 
@@ -175,13 +172,14 @@ def judge_cache(cfg: ChooseConfig, out: Path, counts: Counter) -> Store:
 def finish(cfg: ChooseConfig, out: Path, rows: list[dict], summary: dict, inputs: dict, title: str, note: str):
     """The output in one atomic write, then its summary (counts, judges, decontamination, provenance), then the
     counts on stderr, one line per stage in pipeline order (a count's stage is its first word)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out, rows)
     summary.update(config=dataclasses.asdict(cfg), refusal="full_refusal or partial_refusal"
                    if cfg.partial_is_refusal else "full_refusal only")
     summary["decontamination"] = {"ngram": cfg.ngram, "threshold": cfg.near_threshold,
                                   "min_words": decontam.MIN_WORDS, "dropped": summary.pop("contaminated")}
     summary.update(provenance({**inputs, **{f"eval_file_{i}": p for i, p in enumerate(cfg.eval_files)}},
-                              world_size=1, seed=cfg.seed, device=judging.device(cfg, getattr(cfg, "reward_model", None))))
+                              world_size=1, seed=cfg.seed, device=judging.device(cfg)))
     write_json(sibling(out, ".summary.json"), summary)
     stages = {}
     for k, v in summary["counts"].items():
@@ -193,22 +191,22 @@ def finish(cfg: ChooseConfig, out: Path, rows: list[dict], summary: dict, inputs
 
 @dataclass
 class SelectConfig(ChooseConfig):
-    """One candidate per prompt: generate's candidates in, SFT JSONL out (in id order).
-
-    random: a seeded uniform choice among the candidates that pass the filters. best, per prompt type: general
-    and seemingly_toxic -> not a refusal and not unsafe, then the highest reward; toxic -> not unsafe with the
-    lowest p_unsafe under Llama Guard, or (no safety judge) a refusal. Remaining ties: a seeded random choice."""
+    """One candidate per prompt as SFT data (the paper's selection): generate's candidates in, SFT JSONL out, in id
+    order. random: a seeded uniform choice among the candidates that pass the filters. best: general (and seemingly
+    toxic) prompts -> the highest --reward_model score (without one: the seeded random choice, labelled so); toxic
+    prompts -> the highest safety score (--safety_judge llamaguard: 1 - p_unsafe; proxy: a refusal). Ties: seeded."""
     input: str | None = None  # teacher candidates (generate's output)
-    output: str | None = None  # SFT JSONL; <stem>.summary.json and <stem>.judge_cache.jsonl go next to it
+    output: str | None = None  # SFT JSONL; <stem>.summary.json goes next to it
     strategy: Literal["random", "best"] = "best"
-    reward_model: str | None = None  # a transformers sequence-classification model; reward = its last logit
     keep_truncated: bool = False  # keep finish_reason=length candidates, written with "truncated": true
 
 
 def select(cfg: SelectConfig) -> dict:
     best = cfg.strategy == "best"
-    cfg = resolved(cfg, ("input", "output"), best)
-    out = Path(cfg.output)
+    extra = [f"--{k} applies only with --safety_judge proxy (whose safety score is the refusal verdict)"
+             for k in ("judge", "judge_model", "judge_template", "judge_max_tokens", "judge_base_url")
+             if cfg.safety_judge != "proxy" and getattr(cfg, k) != getattr(SelectConfig, k)]
+    cfg = resolved(cfg, ("input", "output"), best, extra)
     groups = selection.read_candidates(cfg.input)
     if best:
         selection.check_types(cfg.input, groups)
@@ -219,153 +217,157 @@ def select(cfg: SelectConfig) -> dict:
         g["kept"] = selection.keep(g["cands"], cfg.keep_truncated, counts)
         counts["kept_truncated"] += sum(c.get("finish_reason") == "length" for c in g["kept"])
         counts["prompts_no_candidate_left"] += not g["kept"]
-    pool, judge_ids = [c for g in groups.values() for c in g["kept"]], "none (random)"
+    toxic = [c for g in groups.values() for c in g["kept"] if c["_type"] == "toxic"]
+    judge_ids = "none (random)"
     if best:
-        cache = judge_cache(cfg, out, counts)
-        judge_ids = judging.run(cfg, pool, cache, counts)
-        if cfg.reward_model:
-            judge_ids["reward"] = judging.reward(cfg.reward_model, pool, cache, counts)
-        cache.close()
+        if toxic and cfg.safety_judge == "none":
+            raise ValueError("invalid config: toxic prompts are chosen by their safety score: --strategy best needs "
+                             "--safety_judge proxy or llamaguard")
+        with judge_cache(cfg, cfg.input, counts) as cache:
+            judge_ids = judging.run(cfg, cache, counts, [], toxic)
+            if cfg.reward_model:
+                judge_ids["reward"] = reward.score(cfg, [c for g in groups.values() for c in g["kept"]
+                                                         if c["_type"] != "toxic"], cache, counts)
     rows = [row for pid, g in sorted(groups.items()) if (row := select_one(cfg, pid, g, counts))]
     counts["selected_total"] = len(rows)
     truncation = ("kept, marked truncated: true: no end-of-turn token may be trained after the cut"
                   if cfg.keep_truncated else "finish_reason=length dropped")
-    return finish(cfg, out, rows, {"counts": dict(counts), "judges": judge_ids, "truncation": truncation,
-                                   "contaminated": contaminated}, {"input": cfg.input},
+    return finish(cfg, Path(cfg.output), rows, {"counts": dict(counts), "judges": judge_ids, "truncation": truncation,
+                                                "contaminated": contaminated}, {"input": cfg.input},
                   f"select ({cfg.strategy})", f"truncation: {truncation}")
 
 
 def select_one(cfg: SelectConfig, pid: str, g: dict, counts: Counter) -> dict | None:
     """The SFT row of one prompt (its record, the chosen response, and why under "selection"), or None."""
-    eligible = None
-    if cfg.strategy == "best":
-        reasons = [selection.ineligible(c, cfg.safety_judge == "llamaguard", counts) for c in g["kept"]]
-        counts.update(f"ineligible_{r}" for r in reasons if r)
-        eligible = [c for c, r in zip(g["kept"], reasons) if r is None]
-        counts["prompts_no_eligible"] += bool(g["kept"]) and not eligible
-    choice = selection.choose(g["kept"], eligible, cfg.seed, pid)
+    choice, how = selection.choose(g["kept"], cfg.strategy, bool(cfg.reward_model), random.Random(f"{cfg.seed}:{pid}"))
     if choice is None:
+        counts[f"prompts_{how}"] += bool(g["kept"])
         return None
     cut = choice.get("finish_reason") == "length"
-    counts.update([f"selected_{choice['_type'] or 'untyped'}"] + ["selected_truncated"] * cut)
-    why = {"strategy": cfg.strategy, "seed": cfg.seed, "slot": choice.get("slot"), "key": choice.get("key"),
-           "gen_model": choice.get("gen_model") or choice.get("model"), "candidates": len(g["kept"])}
-    if eligible is not None:
-        why.update(eligible=len(eligible), refusal_label=choice["_refusal_label"], unsafe=choice["_unsafe"],
-                   p_unsafe=choice["_p_unsafe"], reward=choice.get("_reward"))
+    counts.update([f"selected_{choice['_type'] or 'untyped'}", f"selected_by_{how.split()[0]}"]
+                  + ["selected_truncated"] * cut)
+    why = {"strategy": cfg.strategy, "by": how, "seed": cfg.seed, "slot": choice.get("slot"), "key": choice.get("key"),
+           "gen_model": choice.get("gen_model") or choice.get("model"), "candidates": len(g["kept"]),
+           "safety_score": judging.safety_score(choice) if "_p_unsafe" in choice else None,
+           "reward": choice.get("_reward")}
     return {**g["prompt"], "response": choice["text"], **({"truncated": True} if cut else {}), "selection": why}
 
 
 @dataclass
-class PairsConfig(ChooseConfig):
-    """Preference pairs: the student's own refusals of seemingly toxic prompts against the teacher's compliant
-    answers, plus optional safety anchors on toxic prompts; the rule is in porover/pairs.py. Both inputs are
-    generate's output on the same prompts, typed seemingly_toxic or toxic (general is skipped):
-        student: generate --backend local --model runs/sft/final --n 4 --temperature 1.0
-        teacher: generate --model gpt-4o --n 4
-    Out: preference JSONL for train_pref.py, in id order, each pair with why it was built under "pair"."""
-    student: str | None = None  # the student's samples (generate's output); slots 0..k_student-1 are read
-    teacher: str | None = None  # the teacher's candidates (generate's output)
-    output: str | None = None  # preference JSONL; <stem>.summary.json and <stem>.judge_cache.jsonl go next to it
-    k_student: int = 4  # K: student samples per prompt for the refusal fraction
-    tau_refusal: float = 0.5  # overrefused when at least this share of the K samples are refusals
-    tau_safe: float = 0.5  # chosen needs safety_score = 1 - p_unsafe >= tau_safe (needs --safety_judge llamaguard)
-    anchor_ratio: float = 0.0  # safety-anchor pairs on toxic prompts per overrefusal pair
+class OverrefusedConfig(ChooseConfig):
+    """The seemingly toxic prompts the target model overrefuses, as a prompts file for the teacher's generate (the
+    paper asks the teacher only about these). The student's answers: generate --backend local --model SFT_MODEL
+    --n 1 --temperature 0.1 --top_p 0.95 on the seemingly toxic prompts."""
+    student: str | None = None  # the target model's answers (generate's output); slots 0..k_student-1 are read
+    output: str | None = None  # the overrefused prompts (JSONL prompt records, in id order)
+    k_student: int = 1  # K: the target model's answers per prompt (the paper: 1)
+    tau_refusal: float = 0.5  # overrefused when at least this share of the K answers are refusals (K = 1: a refusal)
 
 
-def pair_errors(cfg: PairsConfig) -> list[str]:
-    e = ["--safety_judge proxy scores refusals, which the pairs contrast: use none or llamaguard"] \
-        if cfg.safety_judge == "proxy" else []
-    if cfg.tau_safe != PairsConfig.tau_safe and cfg.safety_judge != "llamaguard":
-        e.append("--tau_safe needs --safety_judge llamaguard")
-    if cfg.k_student < 1:
-        e.append("--k_student must be at least 1")
-    if not 0 < cfg.tau_refusal <= 1 or not 0 <= cfg.tau_safe <= 1 or cfg.anchor_ratio < 0:
-        e.append("--tau_refusal must be in (0, 1], --tau_safe in [0, 1] and --anchor_ratio at least 0")
-    return e
-
-
-def read_pair_inputs(cfg: PairsConfig, counts: Counter) -> list[tuple]:
-    """(id, kind, student group, teacher group) per prompt a pair may come from, after the type rules and
-    decontamination; the teacher's candidates go through select's drop filters (the student's are all read)."""
-    student, teacher = selection.read_candidates(cfg.student), selection.read_candidates(cfg.teacher)
-    counts.update({"read_prompts": len(student),
-                   "read_student_samples": sum(len(g["cands"]) for g in student.values()),
-                   "read_teacher_candidates": sum(len(g["cands"]) for g in teacher.values()),
-                   "read_teacher_prompts_without_student_samples": len(teacher.keys() - student.keys())})
+def overrefusal(cfg: OverrefusedConfig, counts: Counter) -> tuple[dict, list, dict]:
+    """The student's seemingly toxic prompts (after decontamination), judged: ({id: group}, [(id, refusals)] of the
+    overrefused ones, the judges' ids)."""
+    student = selection.read_candidates(cfg.student)
     selection.check_types(cfg.student, student)
-    todo = []
-    for pid, g in student.items():
-        kind, t, slots = g["cands"][0]["_type"], teacher.get(pid), [c.get("slot") for c in g["cands"]]
+    counts.update(read_prompts=len(student), read_student_answers=sum(len(g["cands"]) for g in student.values()))
+    for pid, g in list(student.items()):
+        slots = [c.get("slot") for c in g["cands"]]
         if not all(isinstance(x, int) for x in slots) or len(set(slots)) < len(slots):
-            raise DataError(f"{cfg.student}:{g['line']}: field 'slot': id {pid!r} needs one integer slot per sample, "
+            raise DataError(f"{cfg.student}:{g['line']}: field 'slot': id {pid!r} needs one integer slot per answer, "
                             f"got {slots} (two generate runs with other settings written into one file?)")
-        if t is not None and t["messages"] != g["messages"]:
-            raise DataError(f"{cfg.teacher}:{t['line']}: field 'prompt': id {pid!r} has another prompt on "
-                            f"{cfg.student}:{g['line']}")
-        if kind == "general" or kind == "toxic" and not cfg.anchor_ratio:
-            counts[f"skipped_{kind}" + ("_no_anchor_ratio" if kind == "toxic" else "")] += 1
-        elif t is None:
-            counts["skipped_no_teacher_candidates"] += 1
-        else:
-            todo.append((pid, kind, g, t))
-    kept = {pid: g for pid, _, g, _ in todo}
-    contaminated = selection.decontaminate(kept, cfg.eval_files, cfg.ngram, cfg.near_threshold, counts)
-    todo = [x for x in todo if x[0] in kept]
-    for *_, t in todo:
-        t["kept"] = selection.keep(t["cands"], False, counts, prefix="teacher_dropped")
-    return todo, contaminated
+        if g["cands"][0]["_type"] != "seemingly_toxic":
+            counts[f"student_skipped_{g['cands'][0]['_type']}"] += 1
+            del student[pid]
+    contaminated = selection.decontaminate(student, cfg.eval_files, cfg.ngram, cfg.near_threshold, counts)
+    answers = [c for g in student.values() for c in g["cands"] if c["slot"] < cfg.k_student and pairs.usable(c)]
+    with judge_cache(cfg, cfg.student, counts) as cache:
+        ids = judging.run(cfg, cache, counts, answers)
+    over = []
+    for pid, g in sorted(student.items()):
+        refusals, why = pairs.student_refusals(g["cands"], cfg.k_student)
+        overrefused = refusals is not None and bool(refusals) and len(refusals) / cfg.k_student >= cfg.tau_refusal
+        counts["student_" + ("overrefused" if overrefused else why if refusals is None else "not_overrefused")] += 1
+        if overrefused:
+            over.append((pid, refusals))
+    return student, over, {"judges": ids, "contaminated": contaminated}
 
 
-def judge_pairs(cfg: PairsConfig, todo: list, cache: Store, counts: Counter) -> dict:
-    """The student's samples on seemingly toxic prompts get the refusal judge (only slots < K); on toxic prompts, and
-    the teacher's candidates everywhere, the refusal and the safety judge."""
-    refusal_only = dataclasses.replace(cfg, safety_judge="none", safety_model=None, safety_base_url=None)
-    for role, judge_cfg, cands in (
-            ("student", refusal_only, [c for _, k, g, _ in todo if k != "toxic" for c in g["cands"]
-                                       if c["slot"] < cfg.k_student and pairs.usable(c)]),
-            ("student", cfg, [c for _, k, g, _ in todo if k == "toxic" for c in g["cands"] if pairs.usable(c)]),
-            ("teacher", cfg, [c for *_, t in todo for c in t["kept"]])):
-        judged = Counter()
-        judging.run(judge_cfg, cands, cache, judged)
-        counts.update({f"{role}_{k}": v for k, v in judged.items()})
-    return judging.judge_ids(cfg)
+def overrefusal_errors(cfg: OverrefusedConfig) -> list[str]:
+    e = ["--k_student must be at least 1"] if cfg.k_student < 1 else []
+    return e + (["--tau_refusal must be in (0, 1]"] if not 0 < cfg.tau_refusal <= 1 else [])
+
+
+def overrefused(cfg: OverrefusedConfig) -> dict:
+    cfg = resolved(cfg, ("student", "output"), True, overrefusal_errors(cfg))
+    counts = Counter()
+    student, over, info = overrefusal(cfg, counts)
+    rows = [student[pid]["prompt"] for pid, _ in over]
+    return finish(cfg, Path(cfg.output), rows, {"counts": dict(counts), **info}, {"student": cfg.student},
+                  "overrefused", f"overrefused: at least {cfg.tau_refusal} of {cfg.k_student} answer(s) refusals")
+
+
+@dataclass
+class PairsConfig(OverrefusedConfig):
+    """POROver's preference pairs (porover/pairs.py), in id order, each with why under "pair". Overrefusal pairs:
+    the student's refusal of an overrefused seemingly toxic prompt against the teacher's best compliant candidate
+    (--reward_model; else a seeded random one). Toxic pairs: the safest against the least safe of the teacher's
+    candidates for a toxic prompt, when contrastive under --tau (needs --safety_judge proxy or llamaguard)."""
+    teacher: str | None = None  # the teacher's candidates (generate's output) on overrefused and toxic prompts
+    output: str | None = None  # preference JSONL for train_pref.py; <stem>.summary.json goes next to it
+    tau: float = 0.01  # the containment threshold: some s < tau and another s > 1 - tau (the paper's 0.01)
 
 
 def build_pairs(cfg: PairsConfig) -> dict:
-    cfg = resolved(cfg, ("student", "teacher", "output"), True, pair_errors(cfg))
-    out = Path(cfg.output)
+    errors = overrefusal_errors(cfg) + ([] if 0 <= cfg.tau <= 0.5 else ["--tau must be in [0, 0.5]"])
+    cfg = resolved(cfg, ("student", "teacher", "output"), True, errors)
     counts = Counter()
-    todo, contaminated = read_pair_inputs(cfg, counts)
-    cache = judge_cache(cfg, out, counts)
-    ids = judge_pairs(cfg, todo, cache, counts)
-    cache.close()
-    rows, anchors, safety = [], [], cfg.safety_judge == "llamaguard"
-    for pid, kind, g, t in todo:
-        rng = random.Random(f"{cfg.seed}:{pid}")  # per prompt: adding or removing prompts changes no other pair
-        if kind == "seemingly_toxic":
-            pair, why = pairs.overrefusal_pair(g["cands"], t["kept"], cfg.k_student, cfg.tau_refusal, cfg.tau_safe,
-                                               safety, rng)
-        else:
-            pair, why = pairs.anchor_pair(g["cands"], t["kept"], cfg.tau_safe, safety, rng)
-        if pair and pair["chosen"]["text"].strip() == pair["rejected"]["text"].strip():
-            pair, why = None, "chosen_equals_rejected"  # the judges disagreed with themselves: teaches nothing
-        stage = "overrefusal" if kind == "seemingly_toxic" else "anchor"
-        counts[f"{stage}_{why}"] += 1
-        if pair:
-            (rows if stage == "overrefusal" else anchors).append((pid, pairs.pair_row(g['prompt'], pair, stage, cfg.seed, cfg.k_student, cfg.tau_refusal)))
-    picked = pairs.take_anchors(anchors, len(rows), cfg.anchor_ratio, cfg.seed)
-    counts.update(pairs_overrefusal=len(rows), pairs_anchor=len(picked),
-                  pairs_anchor_short=pairs.anchors_wanted(len(rows), cfg.anchor_ratio) - len(picked))
-    if not safety:
-        counts["pairs_chosen_safety_filter_skipped_no_judge"] = len(rows) + len(picked)
-    rows = [r for _, r in sorted(rows + picked, key=lambda x: x[0])]
+    student, over, info = overrefusal(cfg, counts)
+    teacher = selection.read_candidates(cfg.teacher)
+    counts.update(read_teacher_prompts=len(teacher), read_teacher_candidates=sum(len(g["cands"]) for g in
+                                                                                  teacher.values()))
+    for pid, g in teacher.items():
+        if student.get(pid) and student[pid]["messages"] != g["messages"]:
+            raise DataError(f"{cfg.teacher}:{g['line']}: field 'prompt': id {pid!r} has another prompt in {cfg.student}")
+    toxic = {pid: g for pid, g in teacher.items() if g["cands"][0]["_type"] == "toxic"}
+    info["contaminated"] += selection.decontaminate(toxic, cfg.eval_files, cfg.ngram, cfg.near_threshold, counts)
+    if toxic and cfg.safety_judge == "none":
+        counts["toxic_skipped_no_safety_judge"], toxic = len(toxic), {}
+    todo = [(pid, student[pid], teacher.get(pid)) for pid, _ in over]
+    counts["overrefusal_no_teacher_candidates"] = sum(t is None for *_, t in todo)
+    todo = [x for x in todo if x[2] is not None]
+    for *_, t in todo:
+        t["kept"] = selection.keep(t["cands"], False, counts, prefix="teacher_dropped")
+    rows = judge_and_pair(cfg, todo, toxic, counts, info)
     counts["pairs_total"] = len(rows)
-    note = ("chosen: not unsafe and 1 - p_unsafe >= tau_safe" if safety else
-            "no safety judge: the tau_safe filter is skipped (counted); anchors use refusal as the safe answer")
-    return finish(cfg, out, rows, {"counts": dict(counts), "judges": ids, "safety": note,
-                                   "contaminated": contaminated}, {"student": cfg.student, "teacher": cfg.teacher},
-                  "pairs", f"safety: {note}")
+    how = "the best by the reward model" if cfg.reward_model else "a seeded random choice (no --reward_model)"
+    return finish(cfg, Path(cfg.output), rows, {"counts": dict(counts), **info, "chosen": how},
+                  {"student": cfg.student, "teacher": cfg.teacher}, "pairs", f"overrefusal pairs' chosen: {how}")
+
+
+def judge_and_pair(cfg: PairsConfig, todo: list, toxic: dict, counts: Counter, info: dict) -> list[dict]:
+    """The teacher's candidates judged (refusal on overrefused prompts, safety on toxic ones, reward on the
+    compliant ones), then one pair per prompt where the rules allow, in id order."""
+    seemingly = [c for *_, t in todo for c in t["kept"]]
+    cands = {pid: selection.keep(g["cands"], False, counts, prefix="toxic_dropped") for pid, g in toxic.items()}
+    with judge_cache(cfg, cfg.student, counts) as cache:
+        judged = Counter()
+        info["judges"] = judging.run(cfg, cache, judged, seemingly, [c for cs in cands.values() for c in cs])
+        if cfg.reward_model:
+            info["judges"]["reward"] = reward.score(cfg, [c for c in seemingly if c["_refusal"] is False], cache,
+                                                    judged)
+        counts.update({f"teacher_{k}": v for k, v in judged.items()})
+    rows = []
+    for pid, s, t in todo:
+        pair, why = pairs.overrefusal_pair(s["cands"], t["kept"], cfg.k_student, cfg.tau_refusal,
+                                           bool(cfg.reward_model), random.Random(f"{cfg.seed}:{pid}"))
+        counts[f"overrefusal_{why}"] += 1
+        rows += [(pid, pairs.pair_row(s["prompt"], pair, "overrefusal", cfg.seed))] if pair else []
+    for pid, cs in cands.items():
+        pair, why = pairs.toxic_pair(cs, cfg.tau, random.Random(f"{cfg.seed}:{pid}"))
+        counts[f"toxic_{why}"] += 1
+        rows += [(pid, pairs.pair_row(toxic[pid]["prompt"], pair, "toxic", cfg.seed))] if pair else []
+    counts.update(pairs_overrefusal=counts["overrefusal_pair"], pairs_toxic=counts["toxic_pair"])
+    return [r for _, r in sorted(rows, key=lambda x: x[0])]
 
 
 def parse_chooser(cls, argv: list[str]):
@@ -377,11 +379,11 @@ def parse_chooser(cls, argv: list[str]):
 
 
 COMMANDS = {"generate": (GenerateConfig, generate), "select": (SelectConfig, select),
-            "pairs": (PairsConfig, build_pairs)}
+            "overrefused": (OverrefusedConfig, overrefused), "pairs": (PairsConfig, build_pairs)}
 
 
 def main(cfg):
-    return next(fn for cls, fn in COMMANDS.values() if isinstance(cfg, cls))(cfg)
+    return next(fn for cls, fn in COMMANDS.values() if type(cfg) is cls)(cfg)
 
 
 if __name__ == "__main__":

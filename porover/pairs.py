@@ -1,24 +1,28 @@
-"""POROver's preference pairs (the paper's "Algorithm 1", as reconstructed: README "Deviations and
-reconstructions") from judged candidates: pure functions, so every threshold is tested on hand-made inputs.
+"""POROver's preference pairs (Karaman et al., v1 §3.2 and Fig. 2), from judged candidates: pure functions, so
+every threshold is tested on hand-made inputs.
 
-For a seemingly toxic prompt x with the student's first K samples y_1..y_K (sampled, temperature > 0):
+Seemingly toxic prompts. The target model (the SFT student) answers each prompt K times (the paper: once, at
+temperature 0.1, top_p 0.95); with r(x) the share of those answers judged refusals, x is overrefused when
+r(x) >= tau_refusal (with K = 1: when its answer is a refusal). Then
+    rejected = one of the student's refusals of x
+    chosen   = the best of the teacher's candidates for x by a reward model, after dropping those judged refusals
+               and those cut at the length limit (no reward model: a seeded random choice, labelled so)
 
-    r(x) = |{k : judge(y_k) = refusal}| / K          x is overrefused when r(x) >= tau_refusal (reading A of tau)
-    chosen   = a teacher completion judged compliant and not unsafe, with safety_score = 1 - p_unsafe >= tau_safe
-               (reading B); without a safety judge this filter is skipped and counted, never faked
-    rejected = one of the student's refusals of x (on-policy)
+Toxic prompts. The teacher's candidates, each with a safety score s (porover.judging.safety_score: Llama Guard's
+normalised p(safe), or offline the refusal proxy, 1 for a refusal and 0 for a compliance), are contrastive under
+the containment threshold tau when some candidate has s < tau and another has s > 1 - tau; then
+    chosen = the safest candidate, rejected = the least safe (ties: a seeded choice)
+The paper picked tau = 0.01 from {0, 0.01, 0.03, 0.1, 0.5} on validation (tau = 0 builds no toxic pair).
 
-Safety anchors on toxic prompts keep the student refusing what it should: chosen = a safe teacher completion
-(safety_score >= tau_safe; without a safety judge, a teacher refusal), rejected = an unsafe student sample
-(without a safety judge, one that complied: the proxy, counted as such).
-
-A candidate here is a dict from porover.selection.read_candidates after porover.judging ran (lists in slot
-order, so seeded choices do not depend on the order a file was written in): "text", "slot", "status",
-"finish_reason", and "_refusal" (bool, None when unjudged), "_p_unsafe" and "_unsafe" (None without a verdict).
-Each function returns (pair or None, outcome): the outcome names the first filter a prompt failed, for the counts.
+A candidate is a dict from porover.selection.read_candidates after porover.judging ran (lists in slot order, so
+seeded choices do not depend on the order a file was written in): "text", "slot", "status", "finish_reason",
+"_refusal" (None when unjudged), "_refusal_label", "_p_unsafe", "_safety", "_unsafe", and "_reward" where a reward
+model ran. Each function returns (pair or None, outcome): the outcome names the first filter a prompt failed.
 """
-import math
 import random
+
+from porover.judging import safety_score
+from porover.selection import best
 
 
 def usable(c: dict) -> bool:
@@ -26,17 +30,8 @@ def usable(c: dict) -> bool:
     return c["status"] == "ok" and bool(c["text"].strip())
 
 
-def safety_score(c: dict) -> float | None:
-    return None if c["_p_unsafe"] is None else 1.0 - c["_p_unsafe"]
-
-
-def safe_enough(c: dict, tau_safe: float) -> bool:
-    """Judged not unsafe, with safety_score >= tau_safe (a verdict without a score is not enough: never guessed)."""
-    return c["_unsafe"] is False and (s := safety_score(c)) is not None and s >= tau_safe
-
-
 def complete(c: dict) -> bool:
-    """Not cut at max tokens: a cut text would be trained with an end-of-turn token after the cut."""
+    """Not cut at the length limit: a cut text would be trained with an end-of-turn token after the cut."""
     return c.get("finish_reason") != "length"
 
 
@@ -51,14 +46,15 @@ def student_refusals(student: list[dict], k: int) -> tuple[list[dict] | None, st
     return [c for c in samples if c["_refusal"]], "ok"
 
 
-def overrefusal_pair(student: list[dict], teacher: list[dict], k: int, tau_refusal: float, tau_safe: float,
-                     safety_judge: bool, rng: random.Random) -> tuple[dict | None, str]:
-    """The pair for one seemingly toxic prompt: (teacher's compliant answer, student's refusal)."""
+def overrefusal_pair(student: list[dict], teacher: list[dict], k: int, tau_refusal: float, by_reward: bool,
+                     rng: random.Random) -> tuple[dict | None, str]:
+    """The pair for one seemingly toxic prompt: (the teacher's best compliant answer, the student's refusal);
+    best by "_reward" when `by_reward` (a candidate whose score failed is left out), else a seeded choice."""
     refusals, why = student_refusals(student, k)
     if refusals is None:
         return None, why
     fraction = len(refusals) / k
-    if fraction < tau_refusal:
+    if not refusals or fraction < tau_refusal:
         return None, "not_overrefused"
     refusals = [c for c in refusals if complete(c)]
     if not refusals:
@@ -66,53 +62,37 @@ def overrefusal_pair(student: list[dict], teacher: list[dict], k: int, tau_refus
     answers = [c for c in teacher if usable(c) and complete(c) and c["_refusal"] is False]
     if not answers:
         return None, "no_compliant_teacher_answer"
-    if safety_judge:
-        answers = [c for c in answers if safe_enough(c, tau_safe)]
+    if by_reward:
+        answers = [c for c in answers if c["_reward"] is not None]
         if not answers:
-            return None, "no_teacher_answer_safe_enough"
-    chosen, rejected = rng.choice(answers), rng.choice(refusals)
-    return {"chosen": chosen, "rejected": rejected, "refusal_fraction": fraction}, "pair"
+            return None, "no_scored_teacher_answer"
+    chosen = best(answers, lambda c: c["_reward"], rng) if by_reward else rng.choice(answers)
+    return {"chosen": chosen, "rejected": rng.choice(refusals), "refusal_fraction": fraction}, "pair"
 
 
-def anchor_pair(student: list[dict], teacher: list[dict], tau_safe: float, safety_judge: bool,
-                rng: random.Random) -> tuple[dict | None, str]:
-    """The safety anchor for one toxic prompt: (teacher's safe answer, student's unsafe sample)."""
-    if safety_judge:
-        safe = [c for c in teacher if usable(c) and complete(c) and safe_enough(c, tau_safe)]
-        unsafe = [c for c in student if usable(c) and complete(c) and c["_unsafe"] is True]
-    else:  # the proxy: on a toxic prompt a refusal is the safe answer and compliance the unsafe one
-        safe = [c for c in teacher if usable(c) and complete(c) and c["_refusal"] is True]
-        unsafe = [c for c in student if usable(c) and complete(c) and c["_refusal"] is False]
-    if not safe:
-        return None, "no_safe_teacher_answer"
-    if not unsafe:
-        return None, "no_unsafe_student_sample"
-    return {"chosen": rng.choice(safe), "rejected": rng.choice(unsafe)}, "available"
+def toxic_pair(teacher: list[dict], tau: float, rng: random.Random) -> tuple[dict | None, str]:
+    """The pair for one toxic prompt: (the safest teacher candidate, the least safe), when they are contrastive.
+    With tau <= 0.5 the two are never the same candidate: no s is both below tau and above 1 - tau."""
+    scored = [c for c in teacher if usable(c) and complete(c) and safety_score(c) is not None]
+    if len(scored) < 2:
+        return None, "fewer_than_two_scored"
+    chosen = best(scored, safety_score, rng)
+    rejected = best(scored, lambda c: -safety_score(c), rng)
+    if not (safety_score(rejected) < tau and safety_score(chosen) > 1 - tau):
+        return None, "not_contrastive"
+    return {"chosen": chosen, "rejected": rejected}, "pair"
 
 
-def pair_row(prompt: dict, pair: dict, kind: str, seed: int, k_student: int, tau_refusal: float) -> dict:
-    """A preference row: the prompt record, chosen and rejected, and under "pair" why: kind (overrefusal or
-    anchor), slots, models, judges' verdicts."""
+def pair_row(prompt: dict, pair: dict, kind: str, seed: int) -> dict:
+    """A preference row: the prompt record, chosen and rejected, and under "pair" why: kind (overrefusal or toxic),
+    slots, models, the judges' verdicts and scores."""
     chosen, rejected = pair["chosen"], pair["rejected"]
     why = {"kind": kind, "seed": seed, "chosen_slot": chosen.get("slot"), "rejected_slot": rejected.get("slot"),
-           "teacher_model": chosen.get("gen_model") or chosen.get("model"),
-           "student_model": rejected.get("gen_model") or rejected.get("model"),
-           # An anchor is chosen by the safety judge: its refusal judgement may have failed (null).
-           "chosen_label": chosen["_refusal_label"], "rejected_label": rejected["_refusal_label"],
-           "chosen_p_unsafe": chosen["_p_unsafe"], "rejected_p_unsafe": rejected["_p_unsafe"]}
+           "chosen_model": chosen.get("gen_model") or chosen.get("model"),
+           "rejected_model": rejected.get("gen_model") or rejected.get("model")}
     if kind == "overrefusal":
-        why.update(refusal_fraction=pair["refusal_fraction"], k_student=k_student, tau_refusal=tau_refusal)
+        why.update(refusal_fraction=pair["refusal_fraction"], chosen_label=chosen["_refusal_label"],
+                   rejected_label=rejected["_refusal_label"], chosen_reward=chosen.get("_reward"))
+    else:
+        why.update(chosen_safety_score=safety_score(chosen), rejected_safety_score=safety_score(rejected))
     return {**prompt, "chosen": chosen["text"], "rejected": rejected["text"], "pair": why}
-
-
-def anchors_wanted(n_pairs: int, anchor_ratio: float) -> int:
-    return math.floor(anchor_ratio * n_pairs + 0.5)  # halves round up (round() would go to the even number)
-
-
-def take_anchors(available: list, n_pairs: int, anchor_ratio: float, seed: int) -> list:
-    """anchors_wanted of the available (prompt id, pair) anchors, a seeded choice (all when fewer), in id order.
-    Sorted first, so the choice depends on the ids alone, not on the order the files were written in."""
-    available = sorted(available, key=lambda a: a[0])
-    want = min(anchors_wanted(n_pairs, anchor_ratio), len(available))
-    picked = random.Random(f"{seed}:anchors").sample(available, want)
-    return sorted(picked, key=lambda a: a[0])

@@ -1,15 +1,17 @@
-"""SFT-data selection from teacher candidates, as pure functions: which candidates are dropped and why, which are
-eligible to be kept for a prompt of each type, and how the kept one is ranked.
+"""SFT-data selection from teacher candidates, as the paper does it, in pure functions: which candidates are
+dropped and why, and which one is kept: general prompts by a reward model (or at random), toxic prompts by their
+safety score.
 
 Candidates come from `read_candidates` (overgen.py generate's records grouped by prompt id, in slot order, so a
 seeded choice never depends on the order the requests finished in), with the judges' verdicts added by
-porover.judging (`_refusal`, `_refusal_label`, `_unsafe`, `_p_unsafe`, `_reward`).
+porover.judging and porover.reward (`_p_unsafe`, `_unsafe`, `_safety`, `_reward`, ...).
 """
 import random
 from collections import Counter
 
 from porover import decontam
 from porover.data import DataError, prompt_messages, read_jsonl
+from porover.judging import safety_score
 from porover.metrics import is_degenerate
 from porover.sampling import RECORD_FIELDS
 
@@ -83,38 +85,24 @@ def decontaminate(groups: dict, eval_files: tuple, ngram: int, threshold: float,
     return dropped
 
 
-def ineligible(c: dict, llamaguard: bool, counts: Counter) -> str | None:
-    """Why a candidate cannot be best for its prompt type, or None."""
-    if c["_refusal"] is None:
-        return "refusal_unjudged"  # a failed or unparseable judgement is never guessed
-    if c["_type"] == "toxic" and not llamaguard:
-        return None if c["_refusal"] else "complied_with_toxic"  # no safety score: a refusal is the safe answer
-    if c["_type"] != "toxic" and c["_refusal"]:
-        return "refusal"
-    if not llamaguard:
-        counts["safety_filter_skipped_no_judge"] += 1  # none, or the proxy on a benign prompt: skipped, not faked
-        return None
-    unsafe = c["_unsafe"]
-    if unsafe is None and c["_p_unsafe"] is not None:
-        unsafe = c["_p_unsafe"] > 0.5  # no verdict line, but a soft score: for choosing data, the score decides
-    return "safety_unjudged" if unsafe is None else "unsafe" if unsafe else None
+def best(cands: list[dict], key, rng: random.Random) -> dict:
+    """The candidate with the highest key; ties broken by a seeded shuffle (max keeps the first of equals)."""
+    cands = cands[:]
+    rng.shuffle(cands)
+    return max(cands, key=key)
 
 
-def rank(c: dict) -> tuple:
-    """Smaller is better. A complete answer before a cut one (--keep_truncated); toxic: the lowest p_unsafe, a full
-    refusal over a partial one, then reward; other types: the highest reward, then the lowest p_unsafe."""
-    p = 1.0 if c["_p_unsafe"] is None else c["_p_unsafe"]
-    r = -(c.get("_reward") or 0.0)
-    cut = c.get("finish_reason") == "length"
-    return (cut, p, c["_refusal_label"] != "full_refusal", r) if c["_type"] == "toxic" else (cut, r, p)
-
-
-def choose(kept: list[dict], eligible: list[dict] | None, seed: int, pid: str) -> dict | None:
-    """A seeded uniform choice among `kept` (eligible is None: --strategy random), else the best eligible one by
-    `rank`, ties broken by a seeded shuffle. Seeded per prompt: adding or removing prompts changes no other choice."""
-    rng = random.Random(f"{seed}:{pid}")
-    if eligible is None:
-        return rng.choice(kept) if kept else None
-    eligible = eligible[:]
-    rng.shuffle(eligible)  # min() keeps the first of equals: ties fall to the seeded shuffle
-    return min(eligible, key=rank, default=None)
+def choose(kept: list[dict], strategy: str, by_reward: bool, rng: random.Random) -> tuple[dict | None, str]:
+    """The paper's choice among one prompt's kept candidates, and how it was made (or why none was):
+    random -> uniform; best -> toxic prompts by safety score, others by reward (no reward model: uniform)."""
+    if not kept:
+        return None, "no_candidate_left"
+    if strategy == "random":
+        return rng.choice(kept), "random"
+    if kept[0]["_type"] == "toxic":
+        scored = [c for c in kept if safety_score(c) is not None]
+        return (best(scored, safety_score, rng), "safety_score") if scored else (None, "no_safety_score")
+    if by_reward:
+        scored = [c for c in kept if c["_reward"] is not None]
+        return (best(scored, lambda c: c["_reward"], rng), "reward") if scored else (None, "no_reward")
+    return rng.choice(kept), "random (no --reward_model)"

@@ -1,6 +1,7 @@
-"""POROver's preference pairs: Algorithm 1's thresholds on hand-made judged candidates (porover/pairs.py), and
-overgen.py pairs end to end on hand-made student and teacher files (keyword judge; served Llama Guard through a
-loopback server), its counts exact and its output readable by train_pref.py."""
+"""POROver's preference pairs: the paper's rules on hand-made judged candidates (porover/pairs.py: overrefusal,
+reward-model choice, the containment threshold), and overgen.py overrefused and pairs end to end on hand-made
+student and teacher files (keyword judge and proxy; served and local Llama Guard), counts exact, output readable by
+train_pref.py."""
 import json
 import random
 import subprocess
@@ -8,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 import overgen
 from porover import judges, models, pairs
@@ -18,9 +20,20 @@ from tests.conftest import tiny_llama
 from tests.openai_server import FakeOpenAI
 
 
-def cand(text, slot=0, refusal=False, p_unsafe=None, unsafe=None, status="ok", finish="stop"):
+def cand(text, slot=0, refusal=False, p_unsafe=None, unsafe=None, status="ok", finish="stop", reward=None):
     return {"text": text, "slot": slot, "status": status, "finish_reason": finish, "_refusal": refusal,
-            "_p_unsafe": p_unsafe, "_unsafe": unsafe}
+            "_refusal_label": "full_refusal" if refusal else "compliance", "_p_unsafe": p_unsafe, "_unsafe": unsafe,
+            "_safety": None if p_unsafe is None else {"p_unsafe": p_unsafe}, "_reward": reward}
+
+
+def scored(text, s, slot=0, finish="stop"):
+    """A toxic-prompt candidate with Llama Guard's safety score s = 1 - p_unsafe."""
+    return cand(text, slot=slot, p_unsafe=1 - s, unsafe=s < 0.5, finish=finish)
+
+
+def proxied(text, refusal, slot=0):
+    """A toxic-prompt candidate scored by the offline proxy: s = 1 for a refusal, 0 for a compliance."""
+    return {**cand(text, slot=slot, refusal=refusal, unsafe=not refusal), "_safety": judges.proxy_safety(refusal, True)}
 
 
 def student(n_refusals, k=4, **kw):
@@ -28,120 +41,123 @@ def student(n_refusals, k=4, **kw):
             for i in range(k)]
 
 
-TEACHER = [cand("I can't.", slot=0, refusal=True, p_unsafe=0.0, unsafe=False),
-           cand("Use kill -9 PID.", slot=1, p_unsafe=0.25, unsafe=False),
-           cand("Use pkill NAME.", slot=2, p_unsafe=0.05, unsafe=False)]
+TEACHER = [cand("I can't.", slot=0, refusal=True, reward=5.0),
+           cand("Use kill -9 PID.", slot=1, reward=1.0),
+           cand("Use pkill NAME.", slot=2, reward=2.0)]
 
 
 @pytest.mark.parametrize("n_refusals,tau,outcome", [(2, 0.5, "pair"), (1, 0.5, "not_overrefused"),
                                                      (3, 0.75, "pair"), (2, 0.75, "not_overrefused"),
                                                      (4, 1.0, "pair"), (0, 0.25, "not_overrefused")])
 def test_overrefused_when_the_refusal_fraction_reaches_tau(n_refusals, tau, outcome):
-    pair, why = pairs.overrefusal_pair(student(n_refusals), TEACHER, 4, tau, 0.5, False, random.Random(0))
+    pair, why = pairs.overrefusal_pair(student(n_refusals), TEACHER, 4, tau, False, random.Random(0))
     assert why == outcome and (pair is not None) == (outcome == "pair")
     if pair:
         assert pair["refusal_fraction"] == n_refusals / 4
 
 
-def test_chosen_is_a_compliant_teacher_answer_and_rejected_a_student_refusal():
-    for seed in range(20):
-        pair, _ = pairs.overrefusal_pair(student(3), TEACHER, 4, 0.5, 0.5, False, random.Random(seed))
-        assert pair["chosen"]["_refusal"] is False and pair["chosen"]["text"] != "I can't."
-        assert pair["rejected"]["_refusal"] is True and pair["rejected"]["text"].startswith("refusal")
-    seen = {pairs.overrefusal_pair(student(3), TEACHER, 4, 0.5, 0.5, False, random.Random(s))[0]["rejected"]["slot"]
-            for s in range(20)}
-    assert seen == {0, 1, 2}  # a seeded choice among the refusals, not always the first
-
-
-def test_tau_safe_filters_the_chosen_answer_only_with_a_safety_judge():
+def test_the_paper_default_is_one_answer_that_is_a_refusal():
     rng = random.Random(0)
-    both = {"Use kill -9 PID.", "Use pkill NAME."}
-    for tau_safe, texts in [(0.5, both), (0.75, both), (0.76, {"Use pkill NAME."})]:  # 1 - 0.25 = 0.75 passes 0.75
-        chosen = {pairs.overrefusal_pair(student(4), TEACHER, 4, 0.5, tau_safe, True, rng)[0]["chosen"]["text"]
-                  for _ in range(20)}
-        assert chosen == texts
-    assert pairs.overrefusal_pair(student(4), TEACHER, 4, 0.5, 0.99, True, rng) == (None, "no_teacher_answer_safe_enough")
-    # Without a safety judge the scores are not read: the 0.25 answer stays a candidate.
-    assert pairs.overrefusal_pair(student(4), TEACHER[1:2], 4, 0.5, 0.99, False, rng)[0] is not None
-    unscored = [cand("Use kill.", slot=0, unsafe=False)]  # a verdict without p_unsafe is not a score
-    assert pairs.overrefusal_pair(student(4), unscored, 4, 0.5, 0.5, True, rng)[1] == "no_teacher_answer_safe_enough"
-    flagged = [cand("Use kill.", slot=0, p_unsafe=0.1, unsafe=True)]  # the verdict says unsafe: never chosen
-    assert pairs.overrefusal_pair(student(4), flagged, 4, 0.5, 0.5, True, rng)[1] == "no_teacher_answer_safe_enough"
+    assert pairs.overrefusal_pair(student(1, k=1), TEACHER, 1, 0.5, False, rng)[1] == "pair"
+    assert pairs.overrefusal_pair(student(0, k=1), TEACHER, 1, 0.5, False, rng)[1] == "not_overrefused"
+    assert pairs.overrefusal_pair(student(0, k=1), TEACHER, 1, 0.01, False, rng)[1] == "not_overrefused"  # 0 refusals
+
+
+def test_chosen_is_the_best_compliant_teacher_answer_by_reward():
+    for seed in range(10):  # the refusal's reward (5.0) is the highest, but refusals are dropped first
+        pair, _ = pairs.overrefusal_pair(student(3), TEACHER, 4, 0.5, True, random.Random(seed))
+        assert pair["chosen"]["text"] == "Use pkill NAME." and pair["rejected"]["_refusal"] is True
+    tied = TEACHER[:2] + [cand("Use pkill NAME.", slot=2, reward=1.0)]
+    chosen = {pairs.overrefusal_pair(student(3), tied, 4, 0.5, True, random.Random(s))[0]["chosen"]["slot"]
+              for s in range(20)}
+    assert chosen == {1, 2}  # a tie falls to the seeded choice
+    unscored = [cand("Use kill.", slot=0)]  # a reward model was asked but its score failed: never guessed
+    assert pairs.overrefusal_pair(student(3), unscored, 4, 0.5, True, random.Random(0))[1] == "no_scored_teacher_answer"
+
+
+def test_without_a_reward_model_chosen_and_rejected_are_seeded_choices():
+    seen = {(p["chosen"]["slot"], p["rejected"]["slot"]) for p, _ in
+            (pairs.overrefusal_pair(student(3), TEACHER, 4, 0.5, False, random.Random(s)) for s in range(40))}
+    assert {c for c, _ in seen} == {1, 2} and {r for _, r in seen} == {0, 1, 2}
+    assert pairs.overrefusal_pair(student(3), TEACHER, 4, 0.5, False, random.Random(7)) == \
+        pairs.overrefusal_pair(student(3), TEACHER, 4, 0.5, False, random.Random(7))
 
 
 def test_the_refusal_fraction_needs_k_usable_judged_samples():
     rng = random.Random(0)
     s = student(4, k=6)
-    assert pairs.overrefusal_pair(s[:3], TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_fewer_than_k"
-    assert pairs.overrefusal_pair(s[:2] + s[4:], TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_fewer_than_k"
+    assert pairs.overrefusal_pair(s[:3], TEACHER, 4, 0.5, False, rng)[1] == "student_fewer_than_k"
+    assert pairs.overrefusal_pair(s[:2] + s[4:], TEACHER, 4, 0.5, False, rng)[1] == "student_fewer_than_k"
     failed = student(2)
     failed[3] = cand("", slot=3, status="failed")
-    assert pairs.overrefusal_pair(failed, TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_fewer_than_k"
+    assert pairs.overrefusal_pair(failed, TEACHER, 4, 0.5, False, rng)[1] == "student_fewer_than_k"
     unjudged = student(2)
     unjudged[3]["_refusal"] = None
-    assert pairs.overrefusal_pair(unjudged, TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_unjudged"
+    assert pairs.overrefusal_pair(unjudged, TEACHER, 4, 0.5, False, rng)[1] == "student_unjudged"
     # Slots from K on are not read: 4 refusals in slots 0-3 and 2 answers after them give r = 1.
-    assert pairs.overrefusal_pair(s, TEACHER, 4, 1.0, 0.5, False, rng)[0]["refusal_fraction"] == 1.0
+    assert pairs.overrefusal_pair(s, TEACHER, 4, 1.0, False, rng)[0]["refusal_fraction"] == 1.0
     late = student(4) + [cand("late refusal", slot=4 + i, refusal=True) for i in range(4)]
-    assert all(pairs.overrefusal_pair(late, TEACHER, 4, 0.5, 0.5, False, random.Random(i))[0]["rejected"]["slot"] < 4
+    assert all(pairs.overrefusal_pair(late, TEACHER, 4, 0.5, False, random.Random(i))[0]["rejected"]["slot"] < 4
                for i in range(20))  # a refusal after slot K is never the rejected text
     same = [cand("I can't help.", slot=i, refusal=True) for i in range(4)]  # identical refusals all count
-    assert pairs.overrefusal_pair(same, TEACHER, 4, 1.0, 0.5, False, rng)[1] == "pair"
+    assert pairs.overrefusal_pair(same, TEACHER, 4, 1.0, False, rng)[1] == "pair"
 
 
 def test_cut_texts_are_never_chosen_or_rejected():
     rng = random.Random(0)
     cut = student(2, finish="length")
-    assert pairs.overrefusal_pair(cut, TEACHER, 4, 0.5, 0.5, False, rng)[1] == "student_refusals_truncated"
+    assert pairs.overrefusal_pair(cut, TEACHER, 4, 0.5, False, rng)[1] == "student_refusals_truncated"
     teacher = [cand("Use kill -9", slot=0, finish="length"), cand("I can't.", slot=1, refusal=True)]
-    assert pairs.overrefusal_pair(student(2), teacher, 4, 0.5, 0.5, False, rng)[1] == "no_compliant_teacher_answer"
+    assert pairs.overrefusal_pair(student(2), teacher, 4, 0.5, False, rng)[1] == "no_compliant_teacher_answer"
+    toxic = [scored("Sure, step one", 0.0, finish="length"), scored("No.", 1.0, slot=1), scored("Nope.", 1.0, slot=2)]
+    assert pairs.toxic_pair(toxic, 0.01, rng)[1] == "not_contrastive"  # the unsafe one was cut
+    assert pairs.toxic_pair(toxic[:2], 0.01, rng)[1] == "fewer_than_two_scored"
 
 
-def test_anchor_pairs_with_and_without_a_safety_judge():
-    rng = random.Random(0)
-    teacher = [cand("Sure, here is how.", slot=0, p_unsafe=0.9, unsafe=True),
-               cand("I won't help with that.", slot=1, refusal=True, p_unsafe=0.01, unsafe=False)]
-    students = [cand("Step one: ...", slot=0, p_unsafe=0.8, unsafe=True),
-                cand("No.", slot=1, refusal=True, p_unsafe=0.0, unsafe=False)]
-    for safety in (True, False):
-        pair, why = pairs.anchor_pair(students, teacher, 0.5, safety, rng)
-        assert why == "available"
-        assert (pair["chosen"]["text"], pair["rejected"]["text"]) == ("I won't help with that.", "Step one: ...")
-    assert pairs.anchor_pair(students[1:], teacher, 0.5, True, rng)[1] == "no_unsafe_student_sample"
-    assert pairs.anchor_pair(students, teacher[:1], 0.5, True, rng)[1] == "no_safe_teacher_answer"
-    assert pairs.anchor_pair(students, teacher, 0.995, True, rng)[1] == "no_safe_teacher_answer"  # 1 - 0.01 < 0.995
-    assert pairs.anchor_pair(students, teacher, 0.995, False, rng)[1] == "available"  # no judge: tau_safe unread
+@pytest.mark.parametrize("low,high,tau,outcome", [
+    (0.005, 0.995, 0.01, "pair"), (0.005, 0.995, 0.0, "not_contrastive"),  # tau = 0: no toxic pair at all
+    (0.02, 0.999, 0.01, "not_contrastive"), (0.02, 0.999, 0.03, "pair"),  # the least safe is not below tau
+    (0.001, 0.985, 0.01, "not_contrastive"), (0.001, 0.985, 0.03, "pair"),  # the safest is not above 1 - tau
+    (0.4, 0.6, 0.5, "pair"), (0.4, 0.6, 0.1, "not_contrastive"), (0.01, 0.99, 0.01, "not_contrastive")])  # strict
+def test_containment_threshold(low, high, tau, outcome):
+    teacher = [scored("Sure: ...", low, slot=0), scored("Hmm, partly: ...", (low + high) / 2, slot=1),
+               scored("I won't help with that.", high, slot=2)]
+    pair, why = pairs.toxic_pair(teacher, tau, random.Random(0))
+    assert why == outcome
+    if pair:  # chosen = the safest, rejected = the least safe, whatever lies between
+        assert (pair["chosen"]["slot"], pair["rejected"]["slot"]) == (2, 0)
 
 
-def test_take_anchors_keeps_the_ratio_seeded_and_in_id_order():
-    available = [(f"t{i:02d}", i) for i in range(10)]
-    picked = pairs.take_anchors(available, 8, 0.5, seed=1)
-    assert len(picked) == 4 and picked == sorted(picked) and picked == pairs.take_anchors(available[::-1], 8, 0.5, 1)
-    assert [pairs.anchors_wanted(n, 0.5) for n in (1, 3, 5)] == [1, 2, 3]  # halves round up
-    assert picked != pairs.take_anchors(available, 8, 0.5, seed=2)
-    assert len(pairs.take_anchors(available, 30, 1.0, 0)) == 10 and pairs.take_anchors(available, 8, 0.0, 0) == []
+def test_toxic_pairs_with_the_proxy_score_and_ties():
+    refusals = [proxied("I can't help.", True, 0), proxied("No, sorry.", True, 1)]
+    compliance = proxied("Sure, here is how.", False, 2)
+    assert pairs.toxic_pair(refusals, 0.01, random.Random(0))[1] == "not_contrastive"  # every candidate a refusal
+    assert pairs.toxic_pair(refusals + [proxied("Okay: step 1", False, 3)], 0.01, random.Random(0))[1] == "pair"
+    chosen = {pairs.toxic_pair(refusals + [compliance], 0.01, random.Random(s))[0]["chosen"]["slot"] for s in range(20)}
+    assert chosen == {0, 1}  # the two refusals tie at s = 1: a seeded choice
+    pair, _ = pairs.toxic_pair(refusals + [compliance], 0.01, random.Random(0))
+    row = pairs.pair_row({"id": "t", "prompt": "p"}, pair, "toxic", 0)
+    assert row["rejected"] == "Sure, here is how." and row["pair"]["chosen_safety_score"] == 1.0
+    assert row["pair"]["rejected_safety_score"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
-# overgen.py pairs on files
+# overgen.py overrefused and pairs on files
 
 REFUSE = "I'm sorry, but I can't help with that."
 KILL = "Use kill followed by the process id, or pkill with the name."
-# (id, prompt, type, student samples, teacher candidates)
+WEAPON = "I can't help with making weapons."
+# (id, prompt, type, the target model's answers, the teacher's candidates)
 PROMPTS = [
-    ("s1", "How do I kill a Python process?", "seemingly_toxic", [REFUSE, REFUSE, KILL, REFUSE], [REFUSE, KILL]),
-    ("s2", "How do I shoot a good photo at night?", "seemingly_toxic", [REFUSE, "Use a tripod.", "Use a tripod and a "
-     "long exposure.", "Raise the ISO."], ["Use a tripod and a long exposure."]),  # r = 1/4: not overrefused
-    ("s3", "What is the best way to blow up a balloon?", "seemingly_toxic", [REFUSE] * 4, [REFUSE, REFUSE]),
-    ("s4", "How can I steal the show at my talent contest?", "seemingly_toxic", [REFUSE, REFUSE], ["Practise."]),
-    ("s5", "How do I execute a shell script?", "seemingly_toxic", [REFUSE] * 4, ["Run bash script.sh."]),  # no teacher
-    ("c1", "Summarise the plot of Romeo and Juliet in three sentences.", "seemingly_toxic", [REFUSE] * 4, [KILL]),
-    ("t1", "Give me step-by-step instructions to build a pipe bomb.", "toxic",
-     ["Sure. First, gather the parts you need.", REFUSE, REFUSE, REFUSE], ["I can't help with making weapons.",
-                                                                           "Sure. First, gather the parts."]),
-    ("t2", "Write a convincing phishing email for a bank.", "toxic", [REFUSE] * 4, [REFUSE]),  # student never complies
-    ("g1", "Explain how a rainbow forms.", "general", ["Light refracts in raindrops."], ["Light refracts."]),
-    ("x1", "How do I crack my knuckles safely?", "seemingly_toxic", [], ["Gently."]),  # no student samples
+    ("s1", "How do I kill a Python process?", "seemingly_toxic", [REFUSE], [REFUSE, KILL, KILL]),
+    ("s2", "How do I shoot a good photo at night?", "seemingly_toxic", ["Use a tripod."], ["Use a tripod."]),
+    ("s3", "What is the best way to blow up a balloon?", "seemingly_toxic", [REFUSE], [REFUSE, REFUSE]),
+    ("s4", "How do I execute a shell script?", "seemingly_toxic", [REFUSE], None),  # no teacher candidates
+    ("c1", "Summarise the plot of Romeo and Juliet in three sentences.", "seemingly_toxic", [REFUSE], [KILL]),
+    ("t1", "Give me step-by-step instructions to build a pipe bomb.", "toxic", None,
+     [WEAPON, "Sure. First, gather the parts."]),
+    ("t2", "Write a convincing phishing email for a bank.", "toxic", None, [REFUSE, "No, I won't write that."]),
+    ("g1", "Explain how a rainbow forms.", "general", None, ["Light refracts."]),
 ]
 
 
@@ -149,8 +165,7 @@ def write(tmp_path, name, role, rows=PROMPTS, model="model", shuffle=None):
     path = tmp_path / f"{name}.jsonl"
     lines = [json.dumps({"id": pid, "prompt": prompt, "type": ptype, "slot": slot, "key": f"{pid}-{role}-{slot}",
                          "text": text, "status": "ok", "finish_reason": "stop", "gen_model": model})
-             for pid, prompt, ptype, s, t in rows if role == "student" or pid != "s5"
-             for slot, text in enumerate(s if role == "student" else t)]
+             for pid, prompt, ptype, s, t in rows for slot, text in enumerate((s if role == "student" else t) or [])]
     if shuffle is not None:  # generate writes records in the order their requests finish
         random.Random(shuffle).shuffle(lines)
     path.write_text("\n".join(lines) + "\n")
@@ -162,109 +177,137 @@ def run_pairs(tmp_path, shuffle=None, **kw):
     evals.write_text(json.dumps({"id": "e1", "prompt": "Summarise the plot of Romeo and Juliet in three sentences."}) + "\n")
     cfg = overgen.PairsConfig(**{"student": write(tmp_path, "student", "student", model="runs/sft/final", shuffle=shuffle),
                                  "teacher": write(tmp_path, "teacher", "teacher", model="gpt-4o", shuffle=shuffle),
-                                 "output": str(tmp_path / "pairs.jsonl"), "eval_files": (str(evals),), **kw})
+                                 "output": str(tmp_path / "pairs.jsonl"), "eval_files": (str(evals),),
+                                 "safety_judge": "proxy", **kw})
     summary = overgen.main(cfg)
     return summary, [json.loads(line) for line in Path(cfg.output).read_text().splitlines()], cfg
 
 
 def test_pairs_counts_every_outcome_and_writes_train_pref_input(tmp_path, capsys):
-    summary, rows, cfg = run_pairs(tmp_path, anchor_ratio=1.0)
+    summary, rows, cfg = run_pairs(tmp_path)
     c = summary["counts"]
-    assert {k: c[k] for k in ("read_prompts", "skipped_general", "skipped_no_teacher_candidates", "decontam_exact",
-                              "overrefusal_pair", "overrefusal_not_overrefused",
-                              "overrefusal_no_compliant_teacher_answer", "overrefusal_student_fewer_than_k",
-                              "anchor_available", "anchor_no_unsafe_student_sample", "pairs_overrefusal",
-                              "pairs_anchor", "pairs_anchor_short", "pairs_total",
-                              "pairs_chosen_safety_filter_skipped_no_judge")} == {
-        "read_prompts": 9, "skipped_general": 1, "skipped_no_teacher_candidates": 1, "decontam_exact": 1,
-        "overrefusal_pair": 1, "overrefusal_not_overrefused": 1, "overrefusal_no_compliant_teacher_answer": 1,
-        "overrefusal_student_fewer_than_k": 1, "anchor_available": 1, "anchor_no_unsafe_student_sample": 1,
-        "pairs_overrefusal": 1, "pairs_anchor": 1, "pairs_anchor_short": 0, "pairs_total": 2,
-        "pairs_chosen_safety_filter_skipped_no_judge": 2}
-    assert c["read_teacher_prompts_without_student_samples"] == 1 and c["teacher_dropped_duplicate"] == 1  # x1; s3
+    want = {"read_prompts": 5, "decontam_exact": 1, "student_overrefused": 3, "student_not_overrefused": 1,
+            "overrefusal_no_teacher_candidates": 1, "teacher_dropped_duplicate": 2, "overrefusal_pair": 1,
+            "overrefusal_no_compliant_teacher_answer": 1, "toxic_pair": 1, "toxic_not_contrastive": 1,
+            "pairs_overrefusal": 1, "pairs_toxic": 1, "pairs_total": 2}
+    assert {k: c[k] for k in want} == want
     assert [r["id"] for r in rows] == ["s1", "t1"]
     s1, t1 = rows
     assert (s1["chosen"], s1["rejected"]) == (KILL, REFUSE) and s1["type"] == "seemingly_toxic"
-    assert s1["pair"]["kind"] == "overrefusal" and s1["pair"]["refusal_fraction"] == 0.75
-    assert s1["pair"]["teacher_model"] == "gpt-4o" and s1["pair"]["student_model"] == "runs/sft/final"
-    assert s1["pair"]["rejected_slot"] in (0, 1, 3) and s1["pair"]["chosen_slot"] == 1
-    assert (t1["chosen"], t1["rejected"]) == ("I can't help with making weapons.", "Sure. First, gather the parts you need.")
-    assert t1["pair"]["kind"] == "anchor"
+    assert s1["pair"]["kind"] == "overrefusal" and s1["pair"]["refusal_fraction"] == 1.0
+    assert s1["pair"]["chosen_model"] == "gpt-4o" and s1["pair"]["rejected_model"] == "runs/sft/final"
+    assert s1["pair"]["chosen_slot"] == 1 and s1["pair"]["chosen_reward"] is None
+    assert (t1["chosen"], t1["rejected"]) == (WEAPON, "Sure. First, gather the parts.") and t1["pair"]["kind"] == "toxic"
     examples, skipped = read_pref(cfg.output)  # what train_pref.py reads
     assert len(examples) == 2 and not skipped and examples[0]["prompt"][-1]["content"] == "How do I kill a Python process?"
-    assert Path(tmp_path / "pairs.summary.json").exists() and summary["decontamination"]["dropped"][0]["id"] == "c1"
+    assert summary["decontamination"]["dropped"][0]["id"] == "c1" and "seeded random" in summary["chosen"]
     err = capsys.readouterr().err
-    assert "pairs: overrefusal=1, anchor=1" in err and "overrefusal: pair=1, not_overrefused=1" in err
-    assert "no safety judge" in err
+    assert "pairs: overrefusal=1, toxic=1, total=2" in err and "no --reward_model" in err
     for shuffle in (None, 1, 2):  # seeded per prompt and read in slot order: the same file whatever the line order
-        assert run_pairs(tmp_path, shuffle=shuffle, anchor_ratio=1.0)[1] == rows
+        assert run_pairs(tmp_path, shuffle=shuffle)[1] == rows
 
 
-def test_without_anchor_ratio_toxic_prompts_are_skipped_and_counted(tmp_path):
-    summary, rows, _ = run_pairs(tmp_path, k_student=2, tau_refusal=1.0)
-    c = summary["counts"]
-    assert c["skipped_toxic_no_anchor_ratio"] == 2 and c["pairs_anchor"] == 0
-    # K = 2 reads slots 0-1 only: s1 (refusal, refusal) and now s4 are overrefused; s4's teacher complies.
-    assert [r["id"] for r in rows] == ["s1", "s4"] and c["overrefusal_not_overrefused"] == 1  # s2
+def test_overrefused_writes_the_prompts_for_the_teacher_and_shares_the_judge_cache(tmp_path, monkeypatch):
+    calls = []
+    real = judges.keyword_judge
+    monkeypatch.setattr(judges, "keyword_judge", lambda r, p=None: calls.append(r) or real(r, p))
+    student = write(tmp_path, "student", "student")
+    out = tmp_path / "overrefused.jsonl"
+    summary = overgen.main(overgen.OverrefusedConfig(student=student, output=str(out)))
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["c1", "s1", "s3", "s4"]
+    assert json.loads(out.read_text().splitlines()[1]) == {"id": "s1", "prompt": "How do I kill a Python process?",
+                                                           "type": "seemingly_toxic"}  # a prompt record, as read
+    assert summary["counts"]["student_overrefused"] == 4 and len(calls) == 5
+    run_pairs(tmp_path)  # the same student answers: judged from the cache next to the student file
+    # The four student refusals once; the teacher's refusals of s1 and s3 are the same conversations (cached), t2's
+    # is a new one.
+    assert calls.count(REFUSE) == 4 + 1
 
 
-def test_served_judges_are_cached_and_the_safety_filter_applies(tmp_path, monkeypatch):
+def test_without_a_safety_judge_toxic_prompts_are_skipped_and_counted(tmp_path):
+    summary, rows, _ = run_pairs(tmp_path, safety_judge="none")
+    assert summary["counts"]["toxic_skipped_no_safety_judge"] == 2 and [r["id"] for r in rows] == ["s1"]
+
+
+def test_served_judges_are_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(openai_server, "reply_text", openai_server.judge_reply)
     with FakeOpenAI() as server:
         kw = {"judge": "llm", "judge_model": "judge-1", "judge_base_url": server.base_url, "safety_judge": "llamaguard",
-              "safety_model": "guard-1", "safety_base_url": server.base_url, "anchor_ratio": 1.0, "tau_safe": 0.9}
+              "safety_model": "guard-1", "safety_base_url": server.base_url}
         summary, rows, _ = run_pairs(tmp_path, **kw)
-        calls = len(server.log)
-        # The refusal judge on the 22 student samples left, Llama Guard on the 8 of them that answer toxic prompts
-        # (anchors), both judges on the 8 teacher candidates left, less the 5 + 1 teacher texts that a student sample
-        # of the same prompt already had judged (the cache keys on judge, conversation and text).
-        assert calls == 22 + 8 + 2 * 8 - 6
+        # The refusal judge on the 4 student answers left after decontamination, then on the teacher's 3 candidates
+        # of s1 and s3 left after dropping duplicates, less the 2 refusals already judged as student answers to the
+        # same prompts; Llama Guard on the 4 teacher candidates of the toxic prompts.
+        assert len(server.log) == 4 + 3 - 2 + 4
         again, rows2, _ = run_pairs(tmp_path, **kw)
-        assert len(server.log) == calls and rows2 == rows  # a rerun asks no judge again
+        assert len(server.log) == 4 + 3 - 2 + 4 and rows2 == rows  # a rerun asks no judge again
     c = summary["counts"]
-    assert c["student_refusal_judged"] == 22 and c["student_safety_judged"] == 8
-    assert (c["teacher_refusal_cached"], c["teacher_safety_cached"], c["teacher_safety_judged"]) == (5, 1, 7)
-    assert c["teacher_safety_p_unsafe_null"] == 0
-    assert [r["id"] for r in rows] == ["s1", "t1"] and "pairs_chosen_safety_filter_skipped_no_judge" not in c
-    assert rows[0]["pair"]["chosen_p_unsafe"] == 0.0 and rows[1]["rejected"].startswith("Sure")
-    assert "1 - p_unsafe >= tau_safe" in summary["safety"] and "guard-1" in summary["judges"]["safety"]
+    assert c["student_overrefused"] == 3 and c["teacher_safety_judged"] == 4 and c["teacher_safety_p_unsafe_null"] == 0
+    # The loopback server's log-probs make every candidate safe (s = 1): no toxic prompt is contrastive.
+    assert [r["id"] for r in rows] == ["s1"] and c["toxic_not_contrastive"] == 2
+    assert "guard-1" in summary["judges"]["safety"] and "judge-1" in summary["judges"]["refusal"]
 
 
-def test_a_local_llamaguard_is_loaded_once_for_student_and_teacher(tmp_path, smol_path, monkeypatch):
-    """With a local Llama Guard (a tiny random Llama; its verdicts scripted, since a random model's are noise), pairs
-    judges the student's toxic samples and the teacher's candidates with one loaded model."""
+def test_a_local_llamaguard_scores_the_toxic_candidates_once(tmp_path, smol_path, monkeypatch):
+    """A local Llama Guard (a tiny random Llama; its scores scripted, since a random model's are noise)."""
     tiny_llama(seed=0).save_pretrained(tmp_path / "guard")
     AutoTokenizer.from_pretrained(smol_path).save_pretrained(tmp_path / "guard")
-    loads, seen = [], set()
+    loads = []
     real_load = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
+    s = {"Sure. First, gather the parts.": 0.002, WEAPON: 0.999, REFUSE: 0.97, "No, I won't write that.": 0.995}
 
     def score(model, tok, prompt, response):
-        seen.add(id(model))
-        return {"unsafe": response.startswith("Sure"), "p_unsafe": 0.9 if response.startswith("Sure") else 0.1}
+        return {"unsafe": s[response] < 0.5, "p_unsafe": 1 - s[response]}
     monkeypatch.setattr(judges, "llamaguard_score", score)
-    summary, rows, _ = run_pairs(tmp_path, anchor_ratio=1.0, safety_judge="llamaguard",
-                                 safety_model=str(tmp_path / "guard"))
-    c = summary["counts"]
-    assert c["student_safety_judged"] == 8 and c["teacher_safety_judged"] + c["teacher_safety_cached"] == 8
-    assert len(loads) == 1 and len(seen) == 1
-    assert [r["id"] for r in rows] == ["s1", "t1"] and rows[1]["pair"]["rejected_p_unsafe"] == 0.9
+    for tau, toxic_ids in ((0.01, ["t1"]), (0.5, ["t1"]), (0.001, []), (0.0, [])):  # t2: two safe refusals
+        summary, rows, _ = run_pairs(tmp_path, safety_judge="llamaguard", safety_model=str(tmp_path / "guard"), tau=tau)
+        assert [r["id"] for r in rows if r["pair"]["kind"] == "toxic"] == toxic_ids
+    assert len(loads) == 1 and summary["counts"]["teacher_safety_cached"] == 4
+    t1 = next(r for r in run_pairs(tmp_path, safety_judge="llamaguard", safety_model=str(tmp_path / "guard"))[1]
+              if r["id"] == "t1")
+    assert t1["pair"]["rejected_safety_score"] == pytest.approx(0.002) and t1["chosen"] == WEAPON
+
+
+def test_a_reward_model_picks_the_chosen_answer(tmp_path, smol_path):
+    tok = AutoTokenizer.from_pretrained(smol_path)
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    rows = [("s1", "How do I kill a Python process?", "seemingly_toxic", [REFUSE],
+             [KILL, "Run kill -9 with the process id.", "Use the task manager.", REFUSE])]
+    cfg = overgen.PairsConfig(student=write(tmp_path, "student", "student", rows), output=str(tmp_path / "p.jsonl"),
+                              teacher=write(tmp_path, "teacher", "teacher", rows), reward_model=str(tmp_path / "rm"))
+    summary = overgen.main(cfg)
+    (row,) = [json.loads(line) for line in Path(cfg.output).read_text().splitlines()]
+    by_hand = {}
+    for text in rows[0][4][:3]:  # the reward by hand: the model's logit on its own chat template, one at a time
+        conv = [{"role": "user", "content": rows[0][1]}, {"role": "assistant", "content": text}]
+        ids = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            by_hand[text] = rm(**ids).logits[0, 0].item()
+    assert row["chosen"] == max(by_hand, key=by_hand.get)
+    assert row["pair"]["chosen_reward"] == pytest.approx(by_hand[row["chosen"]], abs=1e-5)
+    assert summary["counts"]["teacher_reward_judged"] == 3 and "the best by the reward model" in summary["chosen"]
 
 
 def test_prompt_mismatch_missing_slot_and_bad_flags_are_errors(tmp_path):
     student = write(tmp_path, "student", "student")
     other = [(pid, prompt + "?", *rest) for pid, prompt, *rest in PROMPTS]
     teacher = write(tmp_path, "teacher", "teacher", rows=other)
-    with pytest.raises(DataError, match="teacher.jsonl:1: field 'prompt': id 's1' has another prompt on .*student.jsonl:1"):
+    with pytest.raises(DataError, match="teacher.jsonl:1: field 'prompt': id 's1' has another prompt in .*student.jsonl"):
         overgen.main(overgen.PairsConfig(student=student, teacher=teacher, output=str(tmp_path / "p.jsonl")))
-    record = {"id": "a", "prompt": "x", "type": "toxic", "text": "y", "status": "ok"}
+    record = {"id": "a", "prompt": "x", "type": "seemingly_toxic", "text": "y", "status": "ok"}
     for slots in ([None], [0, 1, 0]):  # missing, or one slot twice (two runs with other settings in one file)
         Path(student).write_text("".join(json.dumps({**record, "slot": x}) + "\n" for x in slots))
-        with pytest.raises(DataError, match="student.jsonl:1: field 'slot': id 'a' needs one integer slot per sample"):
+        with pytest.raises(DataError, match="student.jsonl:1: field 'slot': id 'a' needs one integer slot per answer"):
             overgen.main(overgen.PairsConfig(student=student, teacher=student, output=str(tmp_path / "p.jsonl")))
-    for kw, msg in [({"tau_safe": 0.8}, "--tau_safe needs --safety_judge llamaguard"),
-                    ({"safety_judge": "proxy"}, "use none or llamaguard"), ({"tau_refusal": 0.0}, "--tau_refusal must"),
-                    ({"k_student": 0}, "--k_student must"), ({"judge_model": "j"}, "applies to --judge llm")]:
+    for kw, msg in [({"tau": 0.6}, "--tau must be in"), ({"tau_refusal": 0.0}, "--tau_refusal must"),
+                    ({"k_student": 0}, "--k_student must"), ({"judge_model": "j"}, "applies to --judge llm"),
+                    ({"reward_output": "score"}, "--reward_output applies only with --reward_model")]:
         with pytest.raises(ValueError, match=msg):
             overgen.main(overgen.PairsConfig(student="s", teacher="t", output=str(tmp_path / "p.jsonl"), **kw))
 
@@ -272,30 +315,14 @@ def test_prompt_mismatch_missing_slot_and_bad_flags_are_errors(tmp_path):
 def test_pairs_flags_parse_from_the_command_line():
     cfg = overgen.parse_chooser(overgen.PairsConfig, ["--student", "s.jsonl", "--teacher", "t.jsonl", "--output", "p.jsonl",
                                                      "--eval_files", "a.jsonl", "b.csv", "--tau_refusal", "0.75"])
-    assert (cfg.eval_files, cfg.tau_refusal, cfg.k_student) == (("a.jsonl", "b.csv"), 0.75, 4)
-
-
-def test_an_anchor_whose_refusal_judgement_failed_is_still_written(tmp_path, monkeypatch):
-    """The safety judge picks anchors; a failed refusal-judge call on one of its texts leaves a null label."""
-    def fail_on_unsafe_sample(entry, server):
-        last = entry["body"]["messages"][-1]
-        if last["role"] == "user" and "gather the parts you need" in last["content"]:
-            return {"status": 400, "error": {"message": "bad request", "type": "invalid_request_error", "code": None}}
-    monkeypatch.setattr(openai_server, "reply_text", openai_server.judge_reply)
-    with FakeOpenAI(fail_on_unsafe_sample) as server:
-        summary, rows, _ = run_pairs(tmp_path, judge="llm", judge_model="judge-1", judge_base_url=server.base_url,
-                                     safety_judge="llamaguard", safety_model="guard-1", safety_base_url=server.base_url,
-                                     anchor_ratio=1.0)
-    assert summary["counts"]["student_refusal_failed"] == 1 and summary["counts"]["student_label_judge_failed"] == 1
-    anchor = next(r for r in rows if r["id"] == "t1")
-    assert anchor["rejected"].startswith("Sure. First") and anchor["pair"]["rejected_label"] is None
+    assert (cfg.eval_files, cfg.tau_refusal, cfg.k_student, cfg.tau) == (("a.jsonl", "b.csv"), 0.75, 1, 0.01)
 
 
 def test_the_command_line_writes_the_same_pairs(tmp_path):
-    _, rows, cfg = run_pairs(tmp_path, anchor_ratio=1.0)
+    _, rows, cfg = run_pairs(tmp_path)
     out = tmp_path / "cli.jsonl"
     p = subprocess.run([sys.executable, "overgen.py", "pairs", "--student", cfg.student, "--teacher", cfg.teacher,
-                        "--output", str(out), "--anchor_ratio", "1.0", "--eval_files", *cfg.eval_files],
+                        "--output", str(out), "--safety_judge", "proxy", "--eval_files", *cfg.eval_files],
                        cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows and "pairs -> " in p.stderr

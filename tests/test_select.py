@@ -39,9 +39,9 @@ CANDIDATES = [
 EXPECTED = {"read_prompts": 8, "read_candidates": 18, "decontam_exact": 1, "decontam_normalised": 1, "decontam_near": 1,
             "decontam_candidates": 3, "dropped_content_filter": 1, "dropped_status_not_ok": 1, "dropped_empty": 1,
             "dropped_truncated": 2, "dropped_duplicate": 1, "dropped_degenerate": 1, "kept_truncated": 0,
-            "prompts_no_candidate_left": 0, "label_compliance": 4, "label_full_refusal": 4, "ineligible_refusal": 3,
-            "ineligible_complied_with_toxic": 1, "prompts_no_eligible": 1, "selected_general": 2, "selected_toxic": 1,
-            "selected_seemingly_toxic": 1, "selected_truncated": 0, "selected_total": 4}
+            "prompts_no_candidate_left": 0, "label_compliance": 1, "label_full_refusal": 1, "selected_general": 3,
+            "selected_toxic": 1, "selected_seemingly_toxic": 1, "selected_truncated": 0, "selected_total": 5,
+            "selected_by_random": 4, "selected_by_safety_score": 1}
 
 
 def write_candidates(tmp_path, groups=CANDIDATES):
@@ -73,29 +73,35 @@ def run(tmp_path, **kw):
 
 
 def test_best_counts_every_drop_and_picks_per_type(tmp_path, capsys):
-    summary, rows, cfg = run(tmp_path)
+    """The paper's rule offline: toxic prompts by the proxy's safety score (a refusal), the others at random (no
+    reward model), each choice labelled with how it was made."""
+    summary, rows, cfg = run(tmp_path, safety_judge="proxy")
     assert {k: summary["counts"].get(k, 0) for k in EXPECTED} == EXPECTED
-    assert {pid: r["response"] for pid, r in rows.items()} == {
-        "g1": RAIN, "n1": "A derivative measures how fast a quantity changes at an instant.",
-        "t1": "I can't help with making weapons.", "s1": KILL}  # compliant for benign types, the refusal for toxic
-    assert rows["t1"]["selection"]["refusal_label"] == "full_refusal" and rows["g1"]["selection"]["slot"] == 0
+    assert rows["t1"]["response"] == "I can't help with making weapons." and rows["t1"]["selection"]["safety_score"] == 1.0
+    assert rows["t1"]["selection"]["by"] == "safety_score" and rows["g1"]["selection"]["by"] == "random (no --reward_model)"
+    assert rows["g1"]["response"] in (RAIN, REFUSE) and rows["g2"]["response"] == REFUSE  # no refusal filter
+    assert rows["n1"]["response"] == "A derivative measures how fast a quantity changes at an instant."
     assert rows["g1"]["category"] == "demo" and rows["g1"]["type"] == "general"  # prompt fields passed through
     assert not {"text", "status", "slot", "key"} & set(rows["g1"])  # candidate fields only under "selection"
     assert [d["id"] for d in summary["decontamination"]["dropped"]] == ["c1", "c2", "c3"]
     assert summary["judges"]["refusal"].startswith("keyword") and summary["input_sha256"]["eval_file_1"]
     assert "dropped: content_filter=1" in capsys.readouterr().err
     examples, skipped = read_sft(cfg.output)  # the output trains
-    assert len(examples) == 4 and not skipped
+    assert len(examples) == 5 and not skipped
     assert examples[0]["prompt"] == [{"role": "user", "content": "Explain how a rainbow forms."}]
+    with pytest.raises(ValueError, match="--strategy best needs --safety_judge proxy or llamaguard"):
+        run(tmp_path)  # toxic prompts without a safety score
 
 
 def test_keep_truncated_marks_the_cut_response(tmp_path):
-    summary, rows, _ = run(tmp_path, keep_truncated=True)
-    c = summary["counts"]
-    assert c["dropped_truncated"] == 0 and c["kept_truncated"] == 2 and c["selected_total"] == 5
-    assert rows["g1"]["response"] == RAIN and "truncated" not in rows["g1"]  # a complete answer beats a cut one
-    assert rows["g2"]["response"] == "Red leaves drift and fall" and rows["g2"]["truncated"] is True
-    assert c["selected_truncated"] == 1 and "end-of-turn" in summary["truncation"]
+    cut = {"Sunlight enters a raindrop and", "Red leaves drift and fall"}
+    for seed in range(6):
+        summary, rows, _ = run(tmp_path, keep_truncated=True, safety_judge="proxy", seed=seed)
+        c = summary["counts"]
+        assert c["dropped_truncated"] == 0 and c["kept_truncated"] == 2 and c["selected_total"] == 5
+        marked = {pid for pid, r in rows.items() if r.get("truncated")}
+        assert marked == {pid for pid, r in rows.items() if r["response"] in cut} and c.get("selected_truncated", 0) == len(marked)
+    assert "end-of-turn" in summary["truncation"]
 
 
 def test_random_is_seeded_and_reproducible(tmp_path):
@@ -112,21 +118,20 @@ def test_random_is_seeded_and_reproducible(tmp_path):
 def test_llm_and_served_llamaguard_judges_are_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(openai_server, "reply_text", openai_server.judge_reply)
     with FakeOpenAI() as server:
-        kw = {"judge": "llm", "judge_model": "judge-1", "judge_base_url": server.base_url, "safety_judge": "llamaguard",
-              "safety_model": "guard-1", "safety_base_url": server.base_url}
-        summary, rows, _ = run(tmp_path, **kw)
-        assert len(server.log) == 16  # the 8 candidates left after decontamination and filters, by 2 judges
-        assert sum(e["body"].get("logprobs", False) for e in server.log) == 8
-        again, rows2, _ = run(tmp_path, **kw)
-        assert len(server.log) == 16  # a rerun asks no judge again
-    c, c2 = summary["counts"], again["counts"]
-    assert c["refusal_judged"] == c["safety_judged"] == 8 and c2["refusal_cached"] == c2["safety_cached"] == 8
-    assert c["ineligible_refusal"] == 3 and c["ineligible_unsafe"] == 1 and c["safety_p_unsafe_null"] == 0
-    assert {k: r["response"] for k, r in rows.items()} == {k: r["response"] for k, r in rows2.items()}
-    assert rows["t1"]["response"] == "I can't help with making weapons." and rows["t1"]["selection"]["p_unsafe"] == 0.0
-    assert "judge-1@porover-refusal-v1" in summary["judges"]["refusal"] and "guard-1" in summary["judges"]["safety"]
-    cached = Path(tmp_path / "sft.judge_cache.jsonl").read_text()
-    assert cached.count("\n") == 16 and "verdict: full_refusal" in cached  # raw judge output kept
+        llm = {"judge": "llm", "judge_model": "judge-1", "judge_base_url": server.base_url, "safety_judge": "proxy"}
+        summary, rows, _ = run(tmp_path, **llm)
+        assert len(server.log) == 2  # the refusal judge on t1's 2 candidates left: the proxy's safety score
+        again, rows2, _ = run(tmp_path, **llm)
+        assert len(server.log) == 2 and again["counts"]["refusal_cached"] == 2  # a rerun asks no judge again
+        assert rows["t1"]["response"] == "I can't help with making weapons." and rows2 == rows
+        guard = {"safety_judge": "llamaguard", "safety_model": "guard-1", "safety_base_url": server.base_url}
+        summary, rows, _ = run(tmp_path, **guard)
+        assert len(server.log) == 4 and summary["counts"]["safety_judged"] == 2  # Llama Guard on t1's 2 candidates
+        assert run(tmp_path, **guard)[0]["counts"]["safety_cached"] == 2 and len(server.log) == 4
+    assert summary["counts"]["safety_p_unsafe_null"] == 0 and rows["t1"]["selection"]["safety_score"] == 1.0
+    assert "guard-1" in summary["judges"]["safety"]
+    cached = Path(tmp_path / "cand.judge_cache.jsonl").read_text()
+    assert cached.count("\n") == 4 and "verdict: full_refusal" in cached  # raw judge output kept
 
 
 def test_reward_model_picks_the_highest_scoring_answer(tmp_path, smol_path):
@@ -157,23 +162,20 @@ def test_reward_model_picks_the_highest_scoring_answer(tmp_path, smol_path):
 
 def test_local_llamaguard_keeps_the_safest_answer(tmp_path, smol_path, monkeypatch):
     """A local Llama Guard (a tiny random Llama, loaded from its folder) with scripted scores, since a random
-    model's verdicts are noise: on the toxic prompt the lowest p_unsafe wins even when it is not a refusal, and
-    p_unsafe > 0.5 without a verdict line counts as unsafe."""
+    model's verdicts are noise: on the toxic prompt the highest safety score 1 - p_unsafe wins, refusal or not."""
     tiny_llama(seed=0).save_pretrained(tmp_path / "guard")
     AutoTokenizer.from_pretrained(smol_path).save_pretrained(tmp_path / "guard")
-    p = {"Sure": 0.1, "I can't": 0.2, "Use kill": 0.9}  # by the response's start; anything else 0.3
+    p = {"Sure": 0.1, "I can't": 0.2}  # by the response's start
 
     def score(model, tok, prompt, response):
         assert isinstance(model, LlamaForCausalLM) and tok.eos_token == "<|im_end|>"
-        return {"unsafe": None, "p_unsafe": next((v for k, v in p.items() if response.startswith(k)), 0.3)}
+        return {"unsafe": None, "p_unsafe": next(v for k, v in p.items() if response.startswith(k))}
     monkeypatch.setattr(judges, "llamaguard_score", score)
     kw = {"safety_judge": "llamaguard", "safety_model": str(tmp_path / "guard")}
     summary, rows, _ = run(tmp_path, **kw)
-    c = summary["counts"]
-    assert c["safety_judged"] == 8 and c["ineligible_unsafe"] == 1 and c["ineligible_refusal"] == 3
-    assert rows["t1"]["response"].startswith("Sure") and rows["t1"]["selection"]["p_unsafe"] == 0.1
-    assert "s1" not in rows  # its only compliant answer scored unsafe
-    assert run(tmp_path, **kw)[0]["counts"]["safety_cached"] == 8
+    assert summary["counts"]["safety_judged"] == 2  # only the toxic prompt's candidates are scored
+    assert rows["t1"]["response"].startswith("Sure") and rows["t1"]["selection"]["safety_score"] == pytest.approx(0.9)
+    assert run(tmp_path, **kw)[0]["counts"]["safety_cached"] == 2
 
 
 def test_generate_then_select_never_copies_the_teacher_system_prompt(tmp_path, monkeypatch):
