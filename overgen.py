@@ -46,9 +46,9 @@ class GenerateConfig:
     backend: Literal["openai", "local"] = "openai"
     model: str | None = None  # the model sampled (default: gpt-4o served, smollm2-135m local)
     system_prompt: str | None = None  # sent to the model; never copied into the records (nor into SFT data)
-    n: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
+    n: int = 8  # the paper's teacher settings: 8 completions at temperature 0.5, top_p 0.9
+    temperature: float = 0.5
+    top_p: float = 0.9
     max_new_tokens: int = 1024
     retry_failed: Literal["transient", "all", "none"] = "transient"  # which failed slots a rerun tries again
     dry_run: bool = False  # estimate tokens and cost, call nothing

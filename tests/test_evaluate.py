@@ -71,9 +71,13 @@ def test_orbench_type_by_file_name_or_flag(tmp_path):
 
 
 def test_generic_jsonl_and_demo_splits(tmp_path):
+    def lines(split):  # one prompt per line of the split's three files
+        return sum(len((ROOT / "data/demo" / f"{t}_{split}.jsonl").read_text().splitlines())
+                   for t in ("general", "toxic", "seemingly_toxic"))
     demo = benchmarks.load_all("demo")
-    assert len(demo) == 100 and {r["benchmark"] for r in demo} == {"demo"}
-    assert {r["type"] for r in demo} == {"toxic", "seemingly_toxic", "general"} and len(benchmarks.load("demo:dev")) == 55
+    assert len(demo) == lines("eval") and {r["benchmark"] for r in demo} == {"demo"}
+    assert {r["type"] for r in demo} == {"toxic", "seemingly_toxic", "general"}
+    assert len(benchmarks.load("demo:dev")) == lines("dev") and len({r["id"] for r in demo}) == len(demo)
     p = write_jsonl(tmp_path / "mine.jsonl", [{"id": "a", "prompt": "x", "label": "unsafe"},
                                               {"id": "b", "messages": [{"role": "user", "content": "y"}], "type": "general"}])
     a, b = benchmarks.load(p)
