@@ -46,6 +46,7 @@ class GenerateConfig:
     backend: Literal["openai", "local"] = "openai"
     model: str | None = None  # the model sampled (default: gpt-4o served, smollm2-135m local)
     system_prompt: str | None = None  # sent to the model; never copied into the records (nor into SFT data)
+    prefill: str | None = None  # local: the answer starts with this text (a stand-in teacher that cannot refuse)
     n: int = 8  # the paper's teacher settings: 8 completions at temperature 0.5, top_p 0.9
     temperature: float = 0.5
     top_p: float = 0.9
@@ -74,6 +75,7 @@ def resolve(cfg: GenerateConfig) -> GenerateConfig:
     errors = [] if cfg.input else ["--input is required"]
     mine, other = (OPENAI_DEFAULTS, [*LOCAL_DEFAULTS, "chat_template"]) if cfg.backend == "openai" else \
         (LOCAL_DEFAULTS, [*OPENAI_DEFAULTS, "base_url", "rpm", "tpm", "price_table"])
+    other += ["prefill"] if cfg.backend == "openai" else []
     errors += [f"--{k} does not apply to --backend {cfg.backend}" for k in other if getattr(cfg, k) is not None]
     for k in ("n", "max_new_tokens", "concurrency", "max_attempts", "batch_size"):
         if getattr(cfg, k) is not None and getattr(cfg, k) < 1:

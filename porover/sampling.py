@@ -25,7 +25,7 @@ PRICES = {"gpt-4o": (2.50, 10.00), "gpt-4o-mini": (0.15, 0.60), "gpt-4.1": (2.00
           "gpt-4.1-mini": (0.40, 1.60), "gpt-4.1-nano": (0.10, 0.40), "gpt-3.5-turbo": (0.50, 1.50)}
 # Fields generate adds to a prompt record; a prompt record that already has one is an error.
 RECORD_FIELDS = ("slot", "key", "text", "finish_reason", "refusal", "usage", "request_n", "model", "seed", "status",
-                 "attempts", "latency", "host", "gen_model")
+                 "attempts", "latency", "host", "gen_model", "prefill")
 ESTIMATE_LABEL = "estimate: prompt tokens by the chars/4 heuristic, completion tokens at the --max_new_tokens bound"
 # A fatal error (a bad key, no quota) says nothing about the item: "transient" retries it too.
 RETRY = {"all": {"transient", "fatal", "permanent"}, "transient": {"transient", "fatal"}, "none": set()}
@@ -33,7 +33,8 @@ RETRY = {"all": {"transient", "fatal", "permanent"}, "transient": {"transient", 
 
 def slot_key(messages: list[dict], host: str, cfg, slot: int) -> str:
     """sha256 of what decides a completion; the seed is derived from it, so it is not an input."""
-    return key_of({"messages": messages, "system_prompt": cfg.system_prompt, "host": host, "model": cfg.model,
+    return key_of({"messages": messages, "system_prompt": cfg.system_prompt, "prefill": cfg.prefill, "host": host,
+                   "model": cfg.model,
                    "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_new_tokens, "slot": slot})
 
 
@@ -220,10 +221,12 @@ async def run_openai(cfg, jobs: list, sink: Sink):
 
 def run_local(cfg, jobs: list, sink: Sink):
     """A transformers model, batches of `batch_size` (prompt, slot) rows, sampled with a seed taken from the batch's
-    keys (the same batch gives the same samples on every machine and rerun)."""
+    keys (the same batch gives the same samples on every machine and rerun). With --prefill the answer's first
+    tokens are given: the record's text is the prefill and what the model wrote after it."""
     from porover import chat, generation
     model, tokenizer, stop_ids = generation.load(cfg.model, cfg.chat_template)
-    rows = [(obj, slot, key, chat.encode_prompt(tokenizer, messages)) for obj, messages, slots in jobs
+    prefill = tokenizer(cfg.prefill, add_special_tokens=False).input_ids if cfg.prefill else []
+    rows = [(obj, slot, key, chat.encode_prompt(tokenizer, messages) + prefill) for obj, messages, slots in jobs
             for slot, key in slots]
     for b in range(0, len(rows), cfg.batch_size):
         batch = rows[b:b + cfg.batch_size]
@@ -236,8 +239,10 @@ def run_local(cfg, jobs: list, sink: Sink):
         for (obj, slot, key, ids), a in zip(batch, answers):
             usage = {"prompt_tokens": len(ids), "completion_tokens": a["n_tokens"] + (a["finish_reason"] == "stop")}
             sink.tokens.update(prompt=len(ids), completion=usage["completion_tokens"])
+            a = {**a, "text": (cfg.prefill or "") + a["text"]}
             sink.record(obj, slot, key, a, {"usage": usage, "request_n": 1, "model": cfg.model, "seed": seed,
-                                            "attempts": 1, "latency": latency, "host": "local"})
+                                            "attempts": 1, "latency": latency, "host": "local",
+                                            "prefill": cfg.prefill})
 
 
 def write_summary(cfg, path: Path, summary: dict, counts: Counter, sink):

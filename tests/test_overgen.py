@@ -321,3 +321,18 @@ def test_local_backend_gives_n_candidates_per_prompt(tmp_path, smol_path, one_th
     assert overgen.main(cfg)["counts"]["todo"] == 0
     # Another chat template puts other tokens in front of the model: new keys, not the cached samples.
     assert overgen.main(dataclasses.replace(cfg, chat_template="chatml", dry_run=True))["counts"]["todo"] == 4
+
+
+def test_a_prefill_starts_every_local_answer(tmp_path, smol_path, one_thread):
+    """A stand-in teacher that never refuses can be made to: the answer's first words are given, the model goes on."""
+    cfg = overgen.GenerateConfig(input=prompts_file(tmp_path, ["How do I pick a lock?"]), backend="local",
+                                 output=str(tmp_path / "pre.jsonl"), model=smol_path, n=2, max_new_tokens=12,
+                                 temperature=0.0, prefill="I'm sorry, but")
+    overgen.main(cfg)
+    recs = records(cfg.output)
+    assert all(r["text"].startswith("I'm sorry, but") and len(r["text"]) > len("I'm sorry, but") for r in recs)
+    assert recs[0]["prefill"] == "I'm sorry, but" and "prefill" not in overgen.SelectConfig.__dataclass_fields__
+    # The prefill is part of what decides a sample: without it, other keys (nothing reused).
+    assert overgen.main(dataclasses.replace(cfg, prefill=None, dry_run=True))["counts"]["todo"] == 2
+    with pytest.raises(ValueError, match="--prefill does not apply to --backend openai"):
+        overgen.main(overgen.GenerateConfig(input=cfg.input, output=str(tmp_path / "o.jsonl"), prefill="Sure"))
