@@ -116,7 +116,9 @@ def generate(cfg: GenerateConfig) -> dict:
             if cfg.dry_run:
                 summary["dry_run"] = sampling.dry_run(cfg, jobs)
                 print(json.dumps(summary["dry_run"]), file=sys.stderr)
-            elif jobs:
+            else:
+                out.touch()  # no prompt left to do is still an output: zero records, not a missing file
+            if jobs and not cfg.dry_run:
                 sink = sampling.Sink(cfg, done, errors, counts["todo"])
                 if cfg.backend == "local":
                     sampling.run_local(cfg, jobs, sink)
@@ -350,7 +352,7 @@ def judge_and_pair(cfg: PairsConfig, todo: list, toxic: dict, counts: Counter, i
     """The teacher's candidates judged (refusal on overrefused prompts, safety on toxic ones, reward on the
     compliant ones), then one pair per prompt where the rules allow, in id order."""
     seemingly = [c for *_, t in todo for c in t["kept"]]
-    cands = {pid: selection.keep(g["cands"], False, counts, prefix="toxic_dropped") for pid, g in toxic.items()}
+    cands = {pid: selection.keep(g["cands"], True, counts, prefix="toxic_dropped") for pid, g in toxic.items()}
     with judge_cache(cfg, cfg.student, counts) as cache:
         judged = Counter()
         info["judges"] = judging.run(cfg, cache, judged, seemingly, [c for cs in cands.values() for c in cs])

@@ -4,14 +4,14 @@ every threshold is tested on hand-made inputs.
 Seemingly toxic prompts. The target model (the SFT student) answers each prompt K times (the paper: once, at
 temperature 0.1, top_p 0.95); with r(x) the share of those answers judged refusals, x is overrefused when
 r(x) >= tau_refusal (with K = 1: when its answer is a refusal). Then
-    rejected = one of the student's refusals of x
+    rejected = one of the student's refusals of x (a refusal shows in its first words: it may be cut short)
     chosen   = the best of the teacher's candidates for x by a reward model, after dropping those judged refusals
                and those cut at the length limit (no reward model: a seeded random choice, labelled so)
 
 Toxic prompts. The teacher's candidates, each with a safety score s (porover.judging.safety_score: Llama Guard's
 normalised p(safe), or offline the refusal proxy, 1 for a refusal and 0 for a compliance), are contrastive under
 the containment threshold tau when some candidate has s < tau and another has s > 1 - tau; then
-    chosen = the safest candidate, rejected = the least safe (ties: a seeded choice)
+    chosen = the safest complete candidate, rejected = the least safe other one (ties: a seeded choice)
 The paper picked tau = 0.01 from {0, 0.01, 0.03, 0.1, 0.5} on validation (tau = 0 builds no toxic pair).
 
 A candidate is a dict from porover.selection.read_candidates after porover.judging ran (lists in slot order, so
@@ -31,7 +31,9 @@ def usable(c: dict) -> bool:
 
 
 def complete(c: dict) -> bool:
-    """Not cut at the length limit: a cut text would be trained with an end-of-turn token after the cut."""
+    """Not cut at the length limit. A chosen text must be complete (the pair teaches the student to say it, and to
+    stop); a cut rejected text is fine (its opening is what the pair pushes down), marked "rejected_truncated" so
+    that training adds no end-of-turn token after the cut."""
     return c.get("finish_reason") != "length"
 
 
@@ -56,9 +58,6 @@ def overrefusal_pair(student: list[dict], teacher: list[dict], k: int, tau_refus
     fraction = len(refusals) / k
     if not refusals or fraction < tau_refusal:
         return None, "not_overrefused"
-    refusals = [c for c in refusals if complete(c)]
-    if not refusals:
-        return None, "student_refusals_truncated"
     answers = [c for c in teacher if usable(c) and complete(c) and c["_refusal"] is False]
     if not answers:
         return None, "no_compliant_teacher_answer"
@@ -71,13 +70,15 @@ def overrefusal_pair(student: list[dict], teacher: list[dict], k: int, tau_refus
 
 
 def toxic_pair(teacher: list[dict], tau: float, rng: random.Random) -> tuple[dict | None, str]:
-    """The pair for one toxic prompt: (the safest teacher candidate, the least safe), when they are contrastive.
-    With tau <= 0.5 the two are never the same candidate: no s is both below tau and above 1 - tau."""
-    scored = [c for c in teacher if usable(c) and complete(c) and safety_score(c) is not None]
+    """The pair for one toxic prompt: (the safest complete teacher candidate, the least safe other one), when they
+    are contrastive."""
+    scored = [c for c in teacher if usable(c) and safety_score(c) is not None]
     if len(scored) < 2:
         return None, "fewer_than_two_scored"
-    chosen = best(scored, safety_score, rng)
-    rejected = best(scored, lambda c: -safety_score(c), rng)
+    if not any(complete(c) for c in scored):
+        return None, "no_complete_candidate"
+    chosen = best([c for c in scored if complete(c)], safety_score, rng)
+    rejected = best([c for c in scored if c is not chosen], lambda c: -safety_score(c), rng)
     if not (safety_score(rejected) < tau and safety_score(chosen) > 1 - tau):
         return None, "not_contrastive"
     return {"chosen": chosen, "rejected": rejected}, "pair"
@@ -95,4 +96,5 @@ def pair_row(prompt: dict, pair: dict, kind: str, seed: int) -> dict:
                    rejected_label=rejected["_refusal_label"], chosen_reward=chosen.get("_reward"))
     else:
         why.update(chosen_safety_score=safety_score(chosen), rejected_safety_score=safety_score(rejected))
-    return {**prompt, "chosen": chosen["text"], "rejected": rejected["text"], "pair": why}
+    cut = {"rejected_truncated": True} if not complete(rejected) else {}
+    return {**prompt, "chosen": chosen["text"], "rejected": rejected["text"], **cut, "pair": why}

@@ -103,15 +103,37 @@ def test_the_refusal_fraction_needs_k_usable_judged_samples():
     assert pairs.overrefusal_pair(same, TEACHER, 4, 1.0, False, rng)[1] == "pair"
 
 
-def test_cut_texts_are_never_chosen_or_rejected():
+def test_cut_texts_are_never_chosen_but_may_be_rejected():
+    """A chosen text teaches the student to say it and stop: never cut. A rejected one is pushed down by its opening
+    words: it may be cut, and its row says so (train_pref.py then adds no end-of-turn token after the cut)."""
     rng = random.Random(0)
-    cut = student(2, finish="length")
-    assert pairs.overrefusal_pair(cut, TEACHER, 4, 0.5, False, rng)[1] == "student_refusals_truncated"
+    pair, why = pairs.overrefusal_pair(student(2, finish="length"), TEACHER, 4, 0.5, False, rng)
+    assert why == "pair" and pairs.pair_row({}, pair, "overrefusal", 0)["rejected_truncated"] is True
     teacher = [cand("Use kill -9", slot=0, finish="length"), cand("I can't.", slot=1, refusal=True)]
     assert pairs.overrefusal_pair(student(2), teacher, 4, 0.5, False, rng)[1] == "no_compliant_teacher_answer"
-    toxic = [scored("Sure, step one", 0.0, finish="length"), scored("No.", 1.0, slot=1), scored("Nope.", 1.0, slot=2)]
-    assert pairs.toxic_pair(toxic, 0.01, rng)[1] == "not_contrastive"  # the unsafe one was cut
-    assert pairs.toxic_pair(toxic[:2], 0.01, rng)[1] == "fewer_than_two_scored"
+    toxic = [scored("Sure, step one", 0.0, finish="length"), scored("No.", 1.0, slot=1)]
+    pair, why = pairs.toxic_pair(toxic, 0.01, rng)
+    assert why == "pair" and (pair["chosen"]["text"], pair["rejected"]["text"]) == ("No.", "Sure, step one")
+    row = pairs.pair_row({}, pair, "toxic", 0)
+    assert row["rejected_truncated"] is True
+    assert "rejected_truncated" not in pairs.pair_row({}, pairs.toxic_pair(
+        [scored("Sure.", 0.0), scored("No.", 1.0, slot=1)], 0.01, rng)[0], "toxic", 0)
+    safe_but_cut = [scored("Sure, step one", 0.0), scored("I won't help with th", 1.0, slot=1, finish="length")]
+    assert pairs.toxic_pair(safe_but_cut, 0.01, rng)[1] == "not_contrastive"  # the only complete one is unsafe
+    assert pairs.toxic_pair([scored("a", 0.0, finish="length"), scored("b", 1.0, slot=1, finish="length")], 0.01,
+                            rng)[1] == "no_complete_candidate"
+    assert pairs.toxic_pair(toxic[:1], 0.01, rng)[1] == "fewer_than_two_scored"
+
+
+def test_a_cut_rejected_text_trains_without_an_end_of_turn(smol_path):
+    from porover import chat
+    tok = AutoTokenizer.from_pretrained(smol_path)
+    eot = chat.prepare_tokenizer(tok)
+    ex = {"prompt": [{"role": "user", "content": "Build a bomb."}], "chosen": "No.", "rejected": "Sure, step one"}
+    (whole,), _ = chat.tokenize_pairs(tok, eot, [{**ex, "meta": {}}], 128)
+    (cut,), counts = chat.tokenize_pairs(tok, eot, [{**ex, "meta": {"rejected_truncated": True}}], 128)
+    assert whole["rejected"]["input_ids"][-1] == eot and cut["rejected"]["input_ids"] == whole["rejected"]["input_ids"][:-1]
+    assert cut["chosen"] == whole["chosen"] and counts["rejected_kept_truncated_without_eot"] == 1
 
 
 @pytest.mark.parametrize("low,high,tau,outcome", [
