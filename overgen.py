@@ -1,22 +1,19 @@
 """Overgeneration: many completions per prompt, then SFT data and preference pairs chosen from them by judges.
 
-    python overgen.py generate --input prompts.jsonl --output runs/teacher/general.jsonl --model gpt-4o --n 4
-    python overgen.py generate --backend local --input prompts.jsonl --output runs/teacher/local.jsonl --n 2
+    python overgen.py generate --input prompts.jsonl --output runs/teacher/general.jsonl --model gpt-4o
+    python overgen.py generate --backend local --model runs/sft/final --input st.jsonl --output target.jsonl --n 1
     python overgen.py select --input runs/teacher/general.jsonl --output runs/sft/general.jsonl --strategy best \
         --safety_judge llamaguard --safety_model DIR --eval_files xstest.csv or-bench-hard-1k.csv
-    python overgen.py pairs --student runs/pairs/student.jsonl --teacher runs/teacher/st.jsonl \
-        --output runs/pairs/pairs.jsonl --k_student 4 --tau_refusal 0.5
+    python overgen.py overrefused --student target.jsonl --output overrefused.jsonl
+    python overgen.py pairs --student target.jsonl --teacher candidates.jsonl --output pairs.jsonl --tau 0.01
 
-`generate` samples --n completions per prompt from --model (a teacher, or the student being probed) and writes
-one record per (prompt, sample slot) to --output as soon as its request finishes (porover/sampling.py). A rerun
-skips finished slots, so a killed run resumes without paying twice, and raising --n from 4 to 8 reuses slots 0-3.
-Failures go to <output stem>.errors.jsonl; counts, tokens, cost and provenance to <output stem>.summary.json.
-
-`select` keeps one candidate per prompt as SFT data (porover/selection.py); `pairs` builds POROver's preference
-pairs (porover/pairs.py). Both decontaminate against --eval_files, judge with porover/judging.py (answers cached
-in <output stem>.judge_cache.jsonl: a rerun never asks a judge twice) and count every drop in the summary.
+`generate` samples --n completions per prompt from --model (a teacher, or the student being probed), one record
+per (prompt, sample slot) written as soon as it finishes (porover/sampling.py): a rerun skips finished slots.
+`select` keeps one candidate per prompt as SFT data (porover/selection.py); `overrefused` lists the prompts the
+student refuses; `pairs` builds POROver's preference pairs (porover/pairs.py). These three decontaminate against
+--eval_files, judge through porover/judging.py and porover/reward.py (answers cached next to the judged input) and
+count every drop in <output stem>.summary.json.
 """
-import argparse
 import asyncio
 import dataclasses
 import fcntl
@@ -374,14 +371,6 @@ def judge_and_pair(cfg: PairsConfig, todo: list, toxic: dict, counts: Counter, i
     return [r for _, r in sorted(rows, key=lambda x: x[0])]
 
 
-def parse_chooser(cls, argv: list[str]):
-    """The config parser, plus --eval_files taking several paths and repeatable."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--eval_files", nargs="+", action="extend", default=[])
-    known, rest = p.parse_known_args(argv)
-    return dataclasses.replace(parse(cls, rest), eval_files=tuple(known.eval_files))
-
-
 COMMANDS = {"generate": (GenerateConfig, generate), "select": (SelectConfig, select),
             "overrefused": (OverrefusedConfig, overrefused), "pairs": (PairsConfig, build_pairs)}
 
@@ -394,7 +383,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(f"usage: python overgen.py {{{'|'.join(COMMANDS)}}} [--flags]")
     try:
-        cls = COMMANDS[sys.argv[1]][0]
-        main(parse_chooser(cls, sys.argv[2:]) if issubclass(cls, ChooseConfig) else parse(cls, sys.argv[2:]))
+        main(parse(COMMANDS[sys.argv[1]][0], sys.argv[2:]))
     except FatalAPIError as e:
         sys.exit(f"overgen: stopped: {e}")

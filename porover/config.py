@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 def parse(cls, argv=None, description=None):
-    """Build argparse from `cls`'s fields (`--name value`; bools as `--name`/`--no-name`)."""
+    """Build argparse from `cls`'s fields (`--name value`; bools as `--name`/`--no-name`; a `tuple[str, ...]` takes
+    several values and may be repeated: `--eval_files a.jsonl b.csv --eval_files c.csv`)."""
     p = argparse.ArgumentParser(description=description or cls.__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
@@ -29,9 +30,12 @@ def parse(cls, argv=None, description=None):
             choices, kind = typing.get_args(kind), str
         if kind is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        elif typing.get_origin(kind) is tuple:
+            p.add_argument(f"--{f.name}", nargs="+", action="extend", default=[])
         else:
             p.add_argument(f"--{f.name}", type=kind, choices=choices, default=f.default)
-    return cls(**vars(p.parse_args(argv)))
+    args = vars(p.parse_args(argv))
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
 
 
 def sha256(path) -> str:

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 import overgen
+from porover.config import parse
 from porover import judges, models, pairs
 from porover.data import DataError, read_pref
 from tests import openai_server
@@ -335,7 +336,7 @@ def test_prompt_mismatch_missing_slot_and_bad_flags_are_errors(tmp_path):
 
 
 def test_pairs_flags_parse_from_the_command_line():
-    cfg = overgen.parse_chooser(overgen.PairsConfig, ["--student", "s.jsonl", "--teacher", "t.jsonl", "--output", "p.jsonl",
+    cfg = parse(overgen.PairsConfig, ["--student", "s.jsonl", "--teacher", "t.jsonl", "--output", "p.jsonl",
                                                      "--eval_files", "a.jsonl", "b.csv", "--tau_refusal", "0.75"])
     assert (cfg.eval_files, cfg.tau_refusal, cfg.k_student, cfg.tau) == (("a.jsonl", "b.csv"), 0.75, 1, 0.01)
 

@@ -27,11 +27,8 @@ def recipe_commands() -> list[list[str]]:
 
 def config_of(argv: list[str]):
     script, rest = argv[0], argv[1:]
-    if script == "overgen.py":
-        cls = overgen.COMMANDS[rest[0]][0]
-        return overgen.parse_chooser(cls, rest[1:]) if issubclass(cls, overgen.ChooseConfig) else parse(cls, rest[1:])
-    if script == "evaluate.py":
-        return parse(evaluate.COMMANDS[rest[0]][0], rest[1:])
+    if script in ("overgen.py", "evaluate.py"):
+        return parse({"overgen.py": overgen, "evaluate.py": evaluate}[script].COMMANDS[rest[0]][0], rest[1:])
     return parse({"train_sft.py": train_sft.Config, "train_pref.py": train_pref.Config}[script], rest)
 
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 import overgen
+from porover.config import parse
 from porover import decontam, judges
 from porover.data import DataError, read_sft
 from tests import openai_server
@@ -215,7 +216,7 @@ def test_decontam_tests_and_thresholds(tmp_path):
 
 
 def test_eval_files_flag_takes_several_paths_and_repeats():
-    cfg = overgen.parse_chooser(overgen.SelectConfig, ["--input", "c.jsonl", "--eval_files", "a.jsonl", "b.csv", "--output", "o.jsonl",
+    cfg = parse(overgen.SelectConfig, ["--input", "c.jsonl", "--eval_files", "a.jsonl", "b.csv", "--output", "o.jsonl",
                                 "--eval_files", "c.csv", "--strategy", "random"])
     assert cfg.eval_files == ("a.jsonl", "b.csv", "c.csv") and cfg.output == "o.jsonl" and cfg.strategy == "random"
 
