@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoTokenizer
 
 import overgen
 from porover.config import parse
 from porover import judges, models, pairs
 from porover.data import DataError, read_pref
 from tests import openai_server
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tiny_reward_model
 from tests.openai_server import FakeOpenAI
 
 
@@ -293,13 +293,7 @@ def test_a_local_llamaguard_scores_the_toxic_candidates_once(tmp_path, smol_path
 
 
 def test_a_reward_model_picks_the_chosen_answer(tmp_path, smol_path):
-    tok = AutoTokenizer.from_pretrained(smol_path)
-    torch.manual_seed(0)
-    rm = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)).eval()
-    rm.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    rm, tok = tiny_reward_model(smol_path, tmp_path / "rm")
     rows = [("s1", "How do I kill a Python process?", "seemingly_toxic", [REFUSE],
              [KILL, "Run kill -9 with the process id.", "Use the task manager.", REFUSE])]
     cfg = overgen.PairsConfig(student=write(tmp_path, "student", "student", rows), output=str(tmp_path / "p.jsonl"),

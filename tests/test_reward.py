@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from porover import reward
 from porover.store import Store
+from tests.conftest import tiny_reward_model
 
 PROMPT = [{"role": "user", "content": "Explain how a rainbow forms."}]
 TEXTS = ["Light bends in raindrops.", "Sunlight is refracted and reflected inside raindrops, which splits it into its "
@@ -17,13 +17,7 @@ TEXTS = ["Light bends in raindrops.", "Sunlight is refracted and reflected insid
 
 
 def tiny_rm(tmp_path, smol_path, num_labels=1):
-    tok = AutoTokenizer.from_pretrained(smol_path)
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_labels=num_labels, pad_token_id=tok.pad_token_id)).eval()
-    model.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    model, tok = tiny_reward_model(smol_path, tmp_path / "rm", num_labels)
     return model, tok, str(tmp_path / "rm")
 
 

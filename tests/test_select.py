@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 import overgen
 from porover.config import parse
 from porover import decontam, judges
 from porover.data import DataError, read_sft
 from tests import openai_server
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, tiny_reward_model
 from tests.openai_server import FakeOpenAI
 
 RAIN = "Sunlight is refracted and reflected inside raindrops, which splits it into colours."
@@ -136,13 +136,7 @@ def test_llm_and_served_llamaguard_judges_are_cached(tmp_path, monkeypatch):
 
 
 def test_reward_model_picks_the_highest_scoring_answer(tmp_path, smol_path):
-    tok = AutoTokenizer.from_pretrained(smol_path)
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)).eval()
-    model.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    model, tok = tiny_reward_model(smol_path, tmp_path / "rm")
     texts = [RAIN, "Rainbows appear when sunlight meets rain.", "Light bends in water drops and spreads out."]
     prompt = "Explain how a rainbow forms."
     rewards = []
