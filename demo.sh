@@ -16,7 +16,7 @@ out=${OUT:-runs/demo}
 tiny=0; [ "${1:-}" = "--tiny" ] && tiny=1 && out=${OUT:-runs/demo_tiny}
 mkdir -p "$out/prompts"
 HELPFUL="You are a helpful assistant. Answer the question directly and briefly."
-REFUSAL="I'm sorry, but"
+REFUSAL="I'm sorry, but I can't help with that."
 
 stage() {  # stage NAME COMMAND...: run it, then say how long it took
   local name=$1 t0=$SECONDS; shift
@@ -44,7 +44,7 @@ gen="$py overgen.py generate --backend local --model $student --batch_size 32"
 stage "teacher: general answers" $gen --input "$out/prompts/general.jsonl" --output "$out/teacher/general.jsonl" \
   --system_prompt "$HELPFUL" --n 1 --temperature 0.7 --top_p 0.9 --max_new_tokens 64
 stage "teacher: refusals of toxic prompts (prefilled)" $gen --input "$out/prompts/toxic.jsonl" \
-  --output "$out/teacher/toxic_refusals.jsonl" --prefill "$REFUSAL" --n 1 --temperature 0.7 --max_new_tokens 24
+  --output "$out/teacher/toxic_refusals.jsonl" --prefill "$REFUSAL" --n 1 --temperature 0.7 --max_new_tokens 16
 stage "teacher: free answers to toxic prompts" $gen --input "$out/prompts/toxic.jsonl" \
   --output "$out/teacher/toxic_free.jsonl" --n 1 --temperature 0.7 --max_new_tokens 48
 cat "$out/teacher/toxic_refusals.jsonl" "$out/teacher/toxic_free.jsonl" > "$out/teacher/toxic.jsonl"
