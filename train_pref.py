@@ -1,10 +1,11 @@
 """Preference optimisation (DPO, IPO, hinge, robust DPO, SimPO; optional NLL term) against a frozen
 reference model, the last stage of POROver.
 
-    python train_pref.py --data pairs.jsonl --model runs/sft/final --loss dpo --beta 0.1 --out_dir runs/dpo
+    python train_pref.py --data pairs.jsonl --model runs/sft/final --loss dpo --out_dir runs/dpo
     torchrun --standalone --nproc_per_node=2 train_pref.py ... --precompute_ref
 
-The loss is the mean over the global batch of pairs (batch_size x grad_accum x world size pairs). The
+The loss is the mean over the global batch of pairs (batch_size x grad_accum x world size pairs, or
+--global_batch). Defaults follow POROver's DPO recipe (lr 1.25e-6, beta 0.025, cosine to 1e-6). The
 reference is the SFT model itself by default: computed online in the same forward code path, or once
 before training with --precompute_ref (then freed).
 """
@@ -25,8 +26,8 @@ from porover.config import parse
 from porover.data import format_counts, read_pref
 from porover.losses import PREFERENCE_LOSSES, nll_term
 from porover.parallel import decoder_layers, disable_dropout, flops_per_token, grad_sync, precision, shard, wrap
-from porover.training import (TrainConfig, adamw, config_errors, finish, global_batch, lr_at, optimizer_step, plan,
-                              save_and_export, speed, start)
+from porover.training import (TrainConfig, adamw, config_errors, finish, global_batch, hold_out, lr_at, optimizer_step,
+                              plan, resolve, save_and_export, speed, start)
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Config(TrainConfig):
     """Preference optimisation on prompt/chosen/rejected JSONL (shared flags: porover.training)."""
     data: str = "data/demo/pairs_seed.jsonl"
     out_dir: str = "runs/pref"
-    lr: float = 5e-7
+    lr: float = 1.25e-6
     warmup_ratio: float = 0.1
     loss: str = "dpo"  # a name in porover.losses.PREFERENCE_LOSSES
     # The losses' options: None means the chosen loss's own default (its signature in porover.losses);
@@ -93,6 +94,17 @@ def load_pairs(path, tokenizer, eot_id, cfg, name):
     for p in pairs:
         p["key"] = reference.pair_key(p, cfg.max_length, cfg.max_prompt_length)
     return pairs, dict(counts)
+
+
+def load_data(cfg, tokenizer, eot_id, world):
+    """(training pairs, eval pairs (maybe none), their counts for config.json): the eval set is --eval_data,
+    or --val_size pairs held out of --data."""
+    pairs, counts = load_pairs(cfg.data, tokenizer, eot_id, cfg, "train")
+    eval_pairs, eval_counts = load_pairs(cfg.eval_data, tokenizer, eot_id, cfg, "eval") if cfg.eval_data else ([], {})
+    pairs, held = hold_out(pairs, cfg, world)  # held: None without --val_size
+    eval_pairs = held or eval_pairs
+    return pairs, eval_pairs, {"train_counts": counts, "eval_counts": eval_counts, "train_examples": len(pairs),
+                               "eval_examples": len(eval_pairs)}
 
 
 def stand_in(pair):
@@ -220,6 +232,7 @@ def train_step(model, ref_model, optimizer, lr, batches, real, consumed, opts, c
 def main(cfg: Config):
     opts = loss_options(cfg)
     rank, world, device = dist.setup(process_group=cfg.strategy == "fsdp")
+    cfg = resolve(cfg, world)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,8 +240,7 @@ def main(cfg: Config):
 
     tokenizer = models.load_tokenizer(cfg.model)
     eot_id = chat.prepare_tokenizer(tokenizer, cfg.chat_template)
-    pairs, counts = load_pairs(cfg.data, tokenizer, eot_id, cfg, "train")
-    eval_pairs, eval_counts = load_pairs(cfg.eval_data, tokenizer, eot_id, cfg, "eval") if cfg.eval_data else ([], {})
+    pairs, eval_pairs, counts = load_data(cfg, tokenizer, eot_id, world)
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     ref_model, fingerprint = reference_model(cfg, tokenizer, dtype, device)
     if ref_model is not None and cfg.precompute_ref:
@@ -243,7 +255,7 @@ def main(cfg: Config):
     global_batch_size, max_steps, warmup_steps = plan(cfg, len(pairs), world)
     step, samples_seen, meta, metrics = start(cfg, model, optimizer, world, device, dtype, {
         "loss_options": opts, "max_steps": max_steps, "global_batch": global_batch_size, "warmup_steps": warmup_steps,
-        "train_counts": counts, "eval_counts": eval_counts})
+        **counts})
     dist.print0(f"global batch {global_batch_size} pairs = {cfg.batch_size} per device x {cfg.grad_accum} accumulation "
                 f"x {world} processes; {len(pairs)} pairs, {max_steps} steps, {cfg.loss} {opts}, {dtype} on {device}")
     lengths = [len(p["chosen"]["input_ids"]) + len(p["rejected"]["input_ids"]) for p in pairs]
@@ -252,7 +264,7 @@ def main(cfg: Config):
 
     while step < max_steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, max_steps, cfg.lr, warmup_steps)
+        lr = lr_at(step, max_steps, cfg.lr, warmup_steps, cfg.min_lr)
         batches, real, consumed, epoch = global_batch(pairs, lengths, samples_seen, cfg, rank, world, collate_fn,
                                                       stand_in)
         stats, tokens = train_step(model, ref_model, optimizer, lr, batches, real, consumed, opts, cfg, autocast,

@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=2 train_sft.py --strategy ddp ...
 
 The loss is the mean negative log-likelihood over all response tokens of the global batch
-(porover.losses.sft_loss). Global batch = batch_size x grad_accum x world size.
+(porover.losses.sft_loss). Global batch = batch_size x grad_accum x world size, or --global_batch with
+grad_accum derived. Defaults follow POROver's recipe (lr 1e-5, cosine to 1e-6, weight decay 0.01).
 """
 import time
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from porover.config import parse
 from porover.data import format_counts, read_sft
 from porover.losses import sft_loss
 from porover.parallel import flops_per_token, grad_sync, precision, wrap
-from porover.training import (TrainConfig, adamw, config_errors, finish, global_batch, lr_at, optimizer_step, plan,
-                              save_and_export, speed, start)
+from porover.training import (TrainConfig, adamw, config_errors, finish, global_batch, hold_out, lr_at, optimizer_step,
+                              plan, resolve, save_and_export, speed, start)
 
 
 @dataclass
@@ -39,6 +40,17 @@ def load_split(path, tokenizer, eot_id, cfg, name):
     if not items:
         raise ValueError(f"{path}: no usable examples ({format_counts(counts)})")
     return items, dict(counts)
+
+
+def load_data(cfg, tokenizer, eot_id, world):
+    """(training items, eval items or None, their counts for config.json): the eval set is --eval_data, or
+    --val_size examples held out of --data."""
+    train_items, train_counts = load_split(cfg.data, tokenizer, eot_id, cfg, "train")
+    eval_items, eval_counts = load_split(cfg.eval_data, tokenizer, eot_id, cfg, "eval") if cfg.eval_data else (None, {})
+    train_items, held = hold_out(train_items, cfg, world)  # held: None without --val_size
+    eval_items = held or eval_items
+    return train_items, eval_items, {"train_counts": train_counts, "eval_counts": eval_counts,
+                                     "train_examples": len(train_items), "eval_examples": len(eval_items or [])}
 
 
 def forward_nll(model, batch, autocast):
@@ -101,6 +113,7 @@ def main(cfg: Config):
     if errors := config_errors(cfg):
         raise ValueError("invalid config: " + "; ".join(errors))
     rank, world, device = dist.setup(process_group=cfg.strategy == "fsdp")
+    cfg = resolve(cfg, world)
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; the data order does not use this RNG
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,15 +121,13 @@ def main(cfg: Config):
 
     tokenizer = models.load_tokenizer(cfg.model)
     eot_id = chat.prepare_tokenizer(tokenizer, cfg.chat_template)
-    train_items, train_counts = load_split(cfg.data, tokenizer, eot_id, cfg, "train")
-    eval_items, eval_counts = load_split(cfg.eval_data, tokenizer, eot_id, cfg, "eval") if cfg.eval_data else (None, {})
+    train_items, eval_items, counts = load_data(cfg, tokenizer, eot_id, world)
 
     model = wrap(models.load_model(cfg.model, dtype=torch.float32).to(device), cfg, device, world, dtype)  # fp32 master
     optimizer = adamw(model, cfg, device)
     global_batch_size, max_steps, warmup_steps = plan(cfg, len(train_items), world)
     step, samples_seen, meta, metrics = start(cfg, model, optimizer, world, device, dtype, {
-        "max_steps": max_steps, "global_batch": global_batch_size, "warmup_steps": warmup_steps,
-        "train_counts": train_counts, "eval_counts": eval_counts})
+        "max_steps": max_steps, "global_batch": global_batch_size, "warmup_steps": warmup_steps, **counts})
     dist.print0(f"global batch {global_batch_size} = {cfg.batch_size} per device x {cfg.grad_accum} accumulation x "
                 f"{world} processes; {len(train_items)} examples, {max_steps} steps, {dtype} on {device}")
     lengths = [len(it["input_ids"]) for it in train_items]
@@ -126,7 +137,7 @@ def main(cfg: Config):
 
     while step < max_steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, max_steps, cfg.lr, warmup_steps)
+        lr = lr_at(step, max_steps, cfg.lr, warmup_steps, cfg.min_lr)
         batches, real, consumed, epoch = global_batch(train_items, lengths, samples_seen, cfg, rank, world,
                                                       collate, stand_in)
         stats, tokens = train_step(model, optimizer, lr, batches, real, cfg, autocast, device)

@@ -61,11 +61,12 @@ def sft_loss(logits, input_ids, loss_mask, num_tokens: int | float) -> torch.Ten
 # returns per-pair losses (B,); the trainer averages them over the global batch.
 # h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)].
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.025,
              label_smoothing=0.0):
     """DPO, Rafailov et al. 2023, eq. 7: L = -log sigmoid(beta h). With label smoothing eps (conservative
     DPO, labels flipped with probability eps): L = -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
-    At initialisation (pi = ref, h = 0): L = ln 2 for every eps. Default agg: sum."""
+    At initialisation (pi = ref, h = 0): L = ln 2 for every eps and beta. Default agg: sum; beta 0.025,
+    POROver's (a weaker pull toward the reference than the common 0.1)."""
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 

@@ -25,6 +25,7 @@ class TrainConfig:
     model: str = "smollm2-135m"
     data: str = ""
     eval_data: str | None = None
+    val_size: int = 0  # hold out this many examples of --data as the eval set (instead of --eval_data)
     out_dir: str = ""
     chat_template: str | None = None  # None: the tokenizer's own; "chatml" or a file for base models
     max_length: int = 512
@@ -32,9 +33,11 @@ class TrainConfig:
     epochs: int | None = None  # default 1 when --max_steps is not given
     max_steps: int | None = None
     batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.0
+    grad_accum: int | None = None  # None: 1, or what --global_batch leaves
+    global_batch: int | None = None  # None: batch_size x grad_accum x world size
+    lr: float = 1e-5
+    min_lr: float | None = None  # the cosine's floor; None: MIN_LR, or --lr when that is lower
+    weight_decay: float = 0.01  # matrices only (see adamw)
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     group_by_length: bool = False
@@ -51,21 +54,30 @@ class TrainConfig:
     log_every: int = 1
 
 
+MIN_LR = 1e-6  # the default floor of the cosine schedule (POROver's recipe)
+
+
 def config_errors(cfg: TrainConfig) -> list[str]:
     """Contradictory or unused settings: each is an error, never a silent no-op."""
     errors = []
     if cfg.epochs is not None and cfg.max_steps is not None:
         errors.append("give --epochs or --max_steps, not both")
-    if cfg.eval_every is not None and cfg.eval_data is None:
-        errors.append("--eval_every needs --eval_data")
+    if cfg.eval_every is not None and cfg.eval_data is None and not cfg.val_size:
+        errors.append("--eval_every needs --eval_data or --val_size")
+    if cfg.val_size and cfg.eval_data is not None:
+        errors.append("give --eval_data or --val_size, not both")
+    if cfg.val_size < 0:
+        errors.append("--val_size must be non-negative")
+    if cfg.min_lr is not None and not 0 <= cfg.min_lr <= cfg.lr:
+        errors.append(f"--min_lr {cfg.min_lr} must be in [0, --lr {cfg.lr}] (the cosine decays from --lr to it)")
     if cfg.keep_last is not None and cfg.save_every is None:
         errors.append("--keep_last needs --save_every")
     if cfg.max_prompt_length is not None and not 1 <= cfg.max_prompt_length < cfg.max_length - 1:
         errors.append("--max_prompt_length must be at least 1 and leave room for a response within --max_length")
     if not cfg.max_grad_norm > 0:
         errors.append("--max_grad_norm must be positive (0 would zero every update, a negative one reverse it)")
-    for k in ("batch_size", "grad_accum", "max_length", "epochs", "max_steps", "eval_every", "save_every",
-              "export_every", "keep_last", "log_every"):
+    for k in ("batch_size", "grad_accum", "global_batch", "max_length", "epochs", "max_steps", "eval_every",
+              "save_every", "export_every", "keep_last", "log_every"):
         if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
             errors.append(f"--{k} must be at least 1")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -77,9 +89,49 @@ def config_errors(cfg: TrainConfig) -> list[str]:
     return errors
 
 
+def resolve(cfg: TrainConfig, world: int) -> TrainConfig:
+    """The flags whose value follows from others or from the world size, made concrete (grad_accum,
+    global_batch, min_lr), so that config.json, checkpoints and a resume record what the run used."""
+    grad_accum = cfg.grad_accum or 1
+    if cfg.global_batch is not None:
+        per_micro_step = cfg.batch_size * world
+        if cfg.global_batch % per_micro_step:
+            raise ValueError(f"invalid config: --global_batch {cfg.global_batch} is not a multiple of --batch_size "
+                             f"{cfg.batch_size} x {world} processes")
+        grad_accum = cfg.global_batch // per_micro_step
+        if cfg.grad_accum is not None and cfg.grad_accum != grad_accum:
+            raise ValueError(f"invalid config: --grad_accum {cfg.grad_accum} makes a global batch of "
+                             f"{cfg.grad_accum * per_micro_step} ({cfg.batch_size} x {cfg.grad_accum} x {world} "
+                             f"processes), not --global_batch {cfg.global_batch}: leave --grad_accum out to derive it")
+    # The default floor must not exceed a low --lr (the schedule would rise); an explicit one is checked.
+    min_lr = min(MIN_LR, cfg.lr) if cfg.min_lr is None else cfg.min_lr
+    return dataclasses.replace(cfg, grad_accum=grad_accum, global_batch=cfg.batch_size * grad_accum * world,
+                               min_lr=min_lr)
+
+
+def hold_out(items: list, cfg: TrainConfig, world: int) -> tuple[list, list | None]:
+    """(training items, eval items or None): --val_size items of --data chosen by --seed alone (not the
+    rank or the step), so every rank and every resume holds out the same ones; training keeps the file order."""
+    if not cfg.val_size:
+        return items, None
+    n, k, batch = len(items), cfg.val_size, cfg.batch_size * cfg.grad_accum * world
+    if n - k < batch:
+        raise ValueError(f"--val_size {k} leaves {n - k} of the {n} usable examples of {cfg.data} for training, "
+                         f"fewer than one global batch ({batch})")
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 - 1)  # a stream no epoch order uses
+    held = set(torch.randperm(n, generator=g)[:k].tolist())
+    dist.print0(f"--val_size: {k} of the {n} examples of {cfg.data} held out as the eval set, {n - k} train")
+    return [it for i, it in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
 def adamw(model, cfg: TrainConfig, device):
-    """AdamW over the (fp32 master) parameters, betas (0.9, 0.95), fused on CUDA."""
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+    """AdamW over the (fp32 master) parameters, betas (0.9, 0.95), fused on CUDA. Weight decay applies to
+    matrices (ndim >= 2: linear layers, embeddings) and spares biases and norm weights (1-D), as the HF
+    Trainer does: decaying a norm's gain toward 0 shrinks activations, it does not regularise."""
+    params = list(model.parameters())  # under FSDP2, DTensors whose ndim is the full tensor's
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95),
                              fused=device.type == "cuda")
 
 
@@ -157,6 +209,9 @@ def resume(cfg: TrainConfig, model, optimizer) -> tuple[int, int, bool]:
             dist.print0(f"--resume: no complete checkpoint in {root}, starting from scratch")
         return 0, 0, False
     saved = json.loads((path / "state.json").read_text())["config"]
+    if "min_lr" not in saved:  # its schedule decays to 0 and its optimizer has one parameter group
+        raise ValueError(f"{path} was written before --min_lr and the weight-decay groups: this version cannot "
+                         "resume it exactly; start a new run (or resume with the porover version that wrote it)")
     current = run_config(cfg, dist.world_size())
     if "data_sha256" not in saved:  # a checkpoint from before the hash was recorded: nothing to compare with
         dist.print0(f"{path}: no data hash recorded; resuming without checking that {cfg.data} is unchanged")
@@ -171,13 +226,19 @@ def format_row(row: dict) -> str:
     return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
-def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int) -> float:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to 0 at `max_steps`.
+def lr_at(step: int, max_steps: int, lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `max_steps`, with W = `warmup_steps`:
+
+        step < W:   lr (step + 1) / W                                  (linear warmup, lr at step W - 1)
+        step >= W:  min_lr + (lr - min_lr) (1 + cos(pi p)) / 2,   p = (step - W) / (max_steps - W)
+
+    so step W (step 0 without warmup) uses lr, and the cosine reaches the floor min_lr at p = 1, the step
+    after the last; the last step (max_steps - 1) uses min_lr + (lr - min_lr) sin^2(pi / (2 (max_steps - W))).
     A pure function of the step: resuming needs no scheduler state."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def epoch_order(lengths: list[int], epoch: int, seed: int, batch_size: int, group_by_length: bool) -> list[int]:

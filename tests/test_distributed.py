@@ -57,17 +57,18 @@ def test_first_step_gradients_two_ranks_equal_one_process(setup):
 @pytest.mark.parametrize("script", ["train_sft.py", "train_pref.py"])
 def test_two_ranks_train_like_one_process_and_uneven_data_does_not_hang(setup, script):
     """7 examples (or pairs), global batch 2: each epoch ends with a batch of 1, where rank 1 runs a masked
-    stand-in. 1 process x batch 2, 1 process x batch 1 x accumulation 2, and 2 ranks x batch 1 under DDP
-    and under FSDP2 must give the same losses (rtol 1e-5) and final weights within ~10 x lr x steps."""
+    stand-in. 1 process x batch 2, 1 process x batch 1 x accumulation 2 (derived from --global_batch 2), and
+    2 ranks x batch 1 under DDP (--global_batch 2: accumulation 1) and under FSDP2 must give the same losses
+    (rtol 1e-5) and final weights within ~10 x lr x steps."""
     d, model, sft_data, pair_data = setup
     data = sft_data if script == "train_sft.py" else pair_data
     out = d / script
     common = [script, "--model", model, "--data", data, "--max_steps", "5", "--lr", "1e-3", "--max_length", "128",
               "--warmup_ratio", "0"]
     run(common + ["--out_dir", str(out / "one"), "--batch_size", "2"])
-    run(common + ["--out_dir", str(out / "accum"), "--batch_size", "1", "--grad_accum", "2"])
-    for strategy in ("ddp", "fsdp"):
-        run(common + ["--out_dir", str(out / strategy), "--batch_size", "1", "--strategy", strategy], nproc=2,
+    run(common + ["--out_dir", str(out / "accum"), "--batch_size", "1", "--global_batch", "2"])
+    for strategy, extra in (("ddp", ["--global_batch", "2"]), ("fsdp", [])):
+        run(common + ["--out_dir", str(out / strategy), "--batch_size", "1", "--strategy", strategy] + extra, nproc=2,
             timeout=180)
     one = rows(out / "one")
     assert [r["step"] for r in one] == [1, 2, 3, 4, 5] and one[3]["epoch"] == 0 and one[4]["epoch"] == 1
@@ -83,12 +84,16 @@ def test_two_ranks_train_like_one_process_and_uneven_data_does_not_hang(setup, s
         diffs = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
         assert diffs.max().item() < 10 * 1e-3 * 5 and diffs.mean().item() < 1e-5, (other, diffs.max(), diffs.mean())
     assert json.loads((out / "fsdp/config.json").read_text())["world_size"] == 2
+    for other, accum in (("accum", 2), ("ddp", 1)):
+        config = json.loads((out / other / "config.json").read_text())
+        assert (config["config"]["grad_accum"], config["global_batch"]) == (accum, 2), other
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
 def test_resume_on_another_world_size(setup, first, second):
     """Save at step 2 with one world size, resume with the other (FSDP2 shards are resharded by
-    torch.distributed.checkpoint): losses of steps 3-4 match the uninterrupted run."""
+    torch.distributed.checkpoint): losses of steps 3-4 match the uninterrupted run. The resume states the
+    global batch as --global_batch 2 (the first run gave none): the same batch, so it is accepted."""
     d, model, _, pair_data = setup
     out = d / f"resume_{first}_{second}"
     common = ["train_pref.py", "--model", model, "--data", pair_data, "--max_steps", "4", "--lr", "1e-3",
@@ -98,7 +103,8 @@ def test_resume_on_another_world_size(setup, first, second):
     p = run(["tests/faults.py", "after_save:2"] + common + ["--out_dir", str(out / "cut"), "--batch_size", bs[first]],
             nproc=first, check=False)
     assert p.returncode != 0 and len(rows(out / "cut")) == 2
-    run(common + ["--out_dir", str(out / "cut"), "--batch_size", bs[second], "--resume"], nproc=second)
+    run(common + ["--out_dir", str(out / "cut"), "--batch_size", bs[second], "--global_batch", "2", "--resume"],
+        nproc=second)
     straight, resumed = rows(out / "straight"), rows(out / "cut")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed):

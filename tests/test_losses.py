@@ -185,3 +185,12 @@ def test_a_loss_table_line_is_checked_against_its_function():
             losses.PreferenceLoss(fn, "sum")
     with pytest.raises(TypeError, match=r"checks for options it does not take: \['gamma'\]"):
         losses.PreferenceLoss(losses.dpo_loss, "sum", {"gamma": losses.POSITIVE})
+
+
+def test_dpo_defaults_to_porovers_beta_and_the_others_keep_theirs():
+    """DPO's beta is POROver's 0.025: still ln 2 at h = 0, and S(-beta h) = S(-1) = 0.313262 at h = 40."""
+    assert {k: v.defaults["beta"] for k, v in losses.PREFERENCE_LOSSES.items()} == \
+        {"dpo": 0.025, "ipo": 0.1, "hinge": 0.1, "robust": 0.1, "simpo": 2.0}
+    zero = torch.zeros(1)
+    assert losses.dpo_loss(zero, zero, zero, zero).item() == pytest.approx(math.log(2), abs=1e-6)
+    assert losses.dpo_loss(torch.tensor([40.0]), zero, zero, zero).item() == pytest.approx(0.313262, abs=1e-6)

@@ -215,6 +215,7 @@ def test_resume_is_exact(tiny_dir, tmp_path, monkeypatch):
     (dict(loss="simpo", label_smoothing=0.1), "--label_smoothing is not used by --loss simpo"),
     (dict(loss="ipo", simpo_gamma=0.5), "--simpo_gamma is not used by --loss ipo"),
     (dict(loss="dpo", logp_agg="avg"), "--logp_agg must be sum or mean"),
+    (dict(val_size=1, eval_data="e.jsonl"), "give --eval_data or --val_size, not both"),
 ])
 def test_unused_or_contradictory_options_are_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -322,11 +323,39 @@ def test_bf16_on_cpu_step_zero_is_ln2(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_policy_dropout_is_off_so_step_zero_is_exact(tiny_dir, tmp_path):
-    """The tiny model has attention dropout 0.1: the policy must not apply it, or h != 0 at step 0."""
+    """The tiny model has attention dropout 0.1: the policy must not apply it, or h != 0 at step 0. At the
+    default beta, POROver's 0.025 (ln 2 at step 0 for any beta); config.json records the resolved values."""
     data = write_pairs(tmp_path / "p.jsonl", PAIRS)
     train_pref.main(base_cfg(tiny_dir, data, tmp_path / "run"))
     first = rows(tmp_path / "run")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(first["rewards/chosen"]) < 1e-6
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert config["loss_options"]["beta"] == 0.025 and config["global_batch"] == 2
+    assert {k: config["config"][k] for k in ("grad_accum", "global_batch", "min_lr", "weight_decay")} == \
+        {"grad_accum": 1, "global_batch": 2, "min_lr": 1e-6, "weight_decay": 0.01}
+
+
+def test_paper_defaults():
+    """POROver's DPO: lr 1.25e-6, beta 0.025 (other losses keep theirs); the cosine's default floor 1e-6 is
+    capped at a lower --lr, while an explicit one above --lr is an error."""
+    cfg = train_pref.Config()
+    assert (cfg.lr, cfg.weight_decay, train_pref.loss_options(cfg)["beta"]) == (1.25e-6, 0.01, 0.025)
+    assert train_pref.loss_options(train_pref.Config(loss="ipo"))["beta"] == 0.1
+    assert train_pref.resolve(train_pref.Config(lr=5e-7), 1).min_lr == 5e-7
+    with pytest.raises(ValueError, match="--min_lr 1e-06 must be in"):
+        train_pref.loss_options(train_pref.Config(lr=5e-7, min_lr=1e-6))
+
+
+def test_val_size_holds_out_pairs_with_their_reference(tiny_dir, tmp_path):
+    """--val_size 2 of 6 pairs with --precompute_ref: 4 train, 2 evaluated, both counted in config.json. At lr
+    1e-12 the policy stays the reference, so the eval loss is ln 2 (to 1e-4, precomputed at other batching)
+    only if the held-out pairs got their own reference log-probs."""
+    data = write_pairs(tmp_path / "p.jsonl", [{**r, "prompt": f"{r['prompt']} ({i})"} for i in range(3) for r in PAIRS])
+    train_pref.main(base_cfg(tiny_dir, data, tmp_path / "run", val_size=2, precompute_ref=True, lr=1e-12))
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    assert (config["train_examples"], config["eval_examples"]) == (4, 2)
+    (row,) = rows(tmp_path / "run")
+    assert row["eval/loss"] == pytest.approx(math.log(2), abs=1e-4)
 
 
 def test_precomputed_at_other_batching_step_zero(tiny_dir, tmp_path):

@@ -1,5 +1,8 @@
-"""train_sft.py: exact resume, atomic checkpoints, config checks, learning on the embedded model."""
+"""train_sft.py: exact resume, atomic checkpoints, config checks, learning on the embedded model, and the
+recipe's schedule, batch and held-out eval set (porover.training)."""
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import train_sft
 from porover import checkpoint, chat
 from porover.losses import sft_loss
+from porover.training import TrainConfig, adamw, hold_out, lr_at, resolve
 from tests import faults
 from tests.conftest import tiny_llama
 
@@ -111,6 +115,13 @@ def test_resume_refuses_a_changed_config(tiny_dir, straight, tmp_path):
     del saved["config"]["data_sha256"]
     state.write_text(json.dumps(saved))
     train_sft.main(cfg_for(tiny_dir, str(edited), tmp_path / "e", max_steps=4, resume=True))
+    # Written before --min_lr: its schedule decayed to 0 and its optimizer had one parameter group.
+    state = tmp_path / "e/checkpoints/step_00000004/state.json"
+    saved = json.loads(state.read_text())
+    del saved["config"]["min_lr"]
+    state.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="written before --min_lr and the weight-decay groups"):
+        train_sft.main(cfg_for(tiny_dir, str(edited), tmp_path / "e", max_steps=5, resume=True))
     # --resume with nothing to resume and no --save_every would restart from scratch at every requeue
     with pytest.raises(ValueError, match="no --save_every: nothing would ever be resumed"):
         train_sft.main(cfg_for(tiny_dir, data, tmp_path / "f", max_steps=3, resume=True, save_every=None))
@@ -133,6 +144,12 @@ def test_final_export_reloads_with_tied_weights(straight):
     (dict(max_prompt_length=127), "--max_prompt_length"),
     (dict(max_prompt_length=0), "--max_prompt_length must be at least 1"),
     (dict(max_grad_norm=0.0), "--max_grad_norm must be positive"),
+    (dict(global_batch=0), "--global_batch must be at least 1"),
+    (dict(global_batch=5), "--global_batch 5 is not a multiple of --batch_size 2 x 1 processes"),
+    (dict(global_batch=6), r"--grad_accum 2 makes a global batch of 4 \(2 x 2 x 1 processes\), not --global_batch 6"),
+    (dict(min_lr=2e-3), r"--min_lr 0\.002 must be in \[0, --lr 0\.001\]"),
+    (dict(val_size=2, eval_data="e.jsonl"), "give --eval_data or --val_size, not both"),
+    (dict(val_size=-1), "--val_size must be non-negative"),
 ])
 def test_contradictory_or_unused_settings_are_errors(tiny_dir, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -272,3 +289,88 @@ def test_length_groups_do_not_depend_on_how_the_global_batch_is_split():
             out.append(ids)
         return out
     assert batch_sets(4, 1) == batch_sets(2, 2)
+
+
+def test_lr_at_by_hand():
+    """Cosine from lr 1e-3 to the floor 1e-4 over 10 steps: lr at step 0, the midpoint (1e-3 + 1e-4) / 2 at
+    step 5, 1e-4 + 9e-4 sin^2(pi/20) = 1.220246e-4 at the last step (9), the floor at step 10. With 2 warmup
+    steps: 5e-4, 1e-3, then the cosine over the remaining 8 (its midpoint at step 6). A floor of 0 is the old
+    schedule (5e-4 at the midpoint)."""
+    at = [lr_at(s, 10, 1e-3, 0, 1e-4) for s in (0, 5, 9, 10)]
+    assert at == pytest.approx([1e-3, 5.5e-4, 1.220246e-4, 1e-4], rel=1e-6)
+    warm = [lr_at(s, 10, 1e-3, 2, 1e-4) for s in (0, 1, 2, 6, 10)]
+    assert warm == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4, 1e-4], rel=1e-6)
+    assert lr_at(5, 10, 1e-3, 0) == pytest.approx(5e-4, rel=1e-9)
+
+
+def test_resolve_derives_grad_accum_and_caps_the_default_floor():
+    """--global_batch N: grad_accum = N / (batch_size x world); an explicit --grad_accum must agree. The default
+    --min_lr is 1e-6, or --lr when that is lower (so --lr 5e-7 is a constant rate after warmup)."""
+    c = resolve(TrainConfig(batch_size=2, global_batch=8), world=2)
+    assert (c.grad_accum, c.global_batch, c.min_lr) == (2, 8, 1e-6)
+    assert resolve(TrainConfig(batch_size=2, grad_accum=4, global_batch=8), world=1).grad_accum == 4
+    assert (resolve(TrainConfig(), 1).grad_accum, resolve(TrainConfig(batch_size=4), 3).global_batch) == (1, 12)
+    with pytest.raises(ValueError, match="--global_batch 8 is not a multiple of --batch_size 2 x 3 processes"):
+        resolve(TrainConfig(batch_size=2, global_batch=8), world=3)
+    assert resolve(TrainConfig(batch_size=2, grad_accum=2, global_batch=8), world=2).grad_accum == 2
+    with pytest.raises(ValueError, match="--grad_accum 1 makes a global batch of 4"):
+        resolve(TrainConfig(batch_size=2, grad_accum=1, global_batch=8), world=2)
+    assert resolve(TrainConfig(lr=5e-7), 1).min_lr == 5e-7 and resolve(TrainConfig(min_lr=0.0), 1).min_lr == 0.0
+
+
+def test_paper_defaults_and_weight_decay_spares_1d_parameters():
+    """SFT lr 1e-5, weight decay 0.01 on matrices (linear layers, the tied embedding) only: norm weights
+    (and biases, 1-D like them) are not decayed."""
+    assert (train_sft.Config().lr, train_sft.Config().weight_decay, train_sft.Config().min_lr) == (1e-5, 0.01, None)
+    model = tiny_llama()
+    groups = adamw(model, TrainConfig(), torch.device("cpu")).param_groups
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(decay) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        assert decay[id(p)] == (0.01 if p.ndim >= 2 else 0.0), name
+    assert decay[id(model.model.norm.weight)] == 0.0 and decay[id(model.lm_head.weight)] == 0.01
+
+
+def test_global_batch_and_min_lr_in_a_run(tiny_dir, straight, tmp_path):
+    """--global_batch 8 at batch 2 on one process trains with grad_accum 4; the metrics' lr follows the cosine
+    from 1e-3 to --min_lr 1e-4 over 4 steps: 1e-3, 1e-4 + 9e-4 (1 + cos(pi/4))/2, 5.5e-4, 1e-4 + 9e-4 (1 -
+    cos(pi/4))/2; config.json records the resolved values."""
+    data, _ = straight
+    train_sft.main(cfg_for(tiny_dir, data, tmp_path, max_steps=4, save_every=None, warmup_ratio=0.0, grad_accum=None,
+                           global_batch=8, min_lr=1e-4))
+    c = math.cos(math.pi / 4)
+    lrs = [json.loads(r)["lr"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-3, 1e-4 + 9e-4 * (1 + c) / 2, 5.5e-4, 1e-4 + 9e-4 * (1 - c) / 2], rel=1e-9)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["global_batch"] == 8 and config["train_examples"] == 12 and config["eval_examples"] == 0
+    assert {k: config["config"][k] for k in ("grad_accum", "global_batch", "min_lr", "weight_decay", "val_size")} == \
+        {"grad_accum": 4, "global_batch": 8, "min_lr": 1e-4, "weight_decay": 0.01, "val_size": 0}
+
+
+def test_val_size_holds_out_a_seeded_share_of_data(tiny_dir, straight, tmp_path, monkeypatch):
+    """--val_size 4 of 12 examples: training sees the other 8 only, the 4 are the eval set (evaluated like
+    --eval_data), config.json counts both. The choice depends on --seed and the data alone (not the world
+    size or the step), so every rank and a resume hold out the same ones; too few left is an error."""
+    data, _ = straight
+    seen = {}
+    real_batch, real_eval = train_sft.global_batch, train_sft.evaluate
+    monkeypatch.setattr(train_sft, "global_batch", lambda items, *a: real_batch(seen.setdefault("train", items), *a))
+    monkeypatch.setattr(train_sft, "evaluate", lambda m, items, *a: real_eval(m, seen.setdefault("eval", items), *a))
+    cfg = cfg_for(tiny_dir, data, tmp_path, max_steps=2, save_every=None, val_size=4, eval_every=1)
+    train_sft.main(cfg)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    items, _ = train_sft.load_split(data, tok, chat.prepare_tokenizer(tok), cfg, "all")
+    key = lambda it: tuple(it["input_ids"])  # noqa: E731
+    train, held = seen["train"], seen["eval"]
+    assert (len(train), len(held), len(set(map(key, items)))) == (8, 4, 12)
+    assert sorted(map(key, train + held)) == sorted(map(key, items)) and not set(map(key, train)) & set(map(key, held))
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("eval/loss" in r for r in rows)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["train_examples"], config["eval_examples"], config["config"]["val_size"]) == (8, 4, 4)
+    assert hold_out(items, resolve(cfg, 1), 1) == (train, held)
+    two_ranks = resolve(dataclasses.replace(cfg, batch_size=1), 2)
+    assert hold_out(items, two_ranks, 2) == (train, held)
+    assert hold_out(items, resolve(dataclasses.replace(cfg, seed=8), 1), 1)[1] != held
+    with pytest.raises(ValueError, match=r"--val_size 9 leaves 3 of the 12 usable .* than one global batch \(4\)"):
+        hold_out(items, resolve(dataclasses.replace(cfg, val_size=9), 1), 1)
