@@ -316,6 +316,7 @@ class PairsConfig(OverrefusedConfig):
     teacher: str | None = None  # the teacher's candidates (generate's output) on overrefused and toxic prompts
     output: str | None = None  # preference JSONL for train_pref.py; <stem>.summary.json goes next to it
     tau: float = 0.01  # the containment threshold: some s < tau and another s > 1 - tau (the paper's 0.01)
+    keep_truncated: bool = False  # a chosen text may be cut at the length limit (marked; trained without a stop)
 
 
 def build_pairs(cfg: PairsConfig) -> dict:
@@ -337,7 +338,7 @@ def build_pairs(cfg: PairsConfig) -> dict:
     counts["overrefusal_no_teacher_candidates"] = sum(t is None for *_, t in todo)
     todo = [x for x in todo if x[2] is not None]
     for *_, t in todo:
-        t["kept"] = selection.keep(t["cands"], False, counts, prefix="teacher_dropped")
+        t["kept"] = selection.keep(t["cands"], cfg.keep_truncated, counts, prefix="teacher_dropped")
     rows = judge_and_pair(cfg, todo, toxic, counts, info)
     counts["pairs_total"] = len(rows)
     how = "the best by the reward model" if cfg.reward_model else "a seeded random choice (no --reward_model)"
@@ -360,11 +361,12 @@ def judge_and_pair(cfg: PairsConfig, todo: list, toxic: dict, counts: Counter, i
     rows = []
     for pid, s, t in todo:
         pair, why = pairs.overrefusal_pair(s["cands"], t["kept"], cfg.k_student, cfg.tau_refusal,
-                                           bool(cfg.reward_model), random.Random(f"{cfg.seed}:{pid}"))
+                                           bool(cfg.reward_model), random.Random(f"{cfg.seed}:{pid}"),
+                                           cfg.keep_truncated)
         counts[f"overrefusal_{why}"] += 1
         rows += [(pid, pairs.pair_row(s["prompt"], pair, "overrefusal", cfg.seed))] if pair else []
     for pid, cs in cands.items():
-        pair, why = pairs.toxic_pair(cs, cfg.tau, random.Random(f"{cfg.seed}:{pid}"))
+        pair, why = pairs.toxic_pair(cs, cfg.tau, random.Random(f"{cfg.seed}:{pid}"), cfg.keep_truncated)
         counts[f"toxic_{why}"] += 1
         rows += [(pid, pairs.pair_row(toxic[pid]["prompt"], pair, "toxic", cfg.seed))] if pair else []
     counts.update(pairs_overrefusal=counts["overrefusal_pair"], pairs_toxic=counts["toxic_pair"])

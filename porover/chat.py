@@ -110,16 +110,16 @@ def tokenize_sft(tokenizer, eot_id, examples, max_length, max_prompt_length=None
 
 def tokenize_pairs(tokenizer, eot_id, examples, max_length, max_prompt_length=None) -> tuple[list[dict], Counter]:
     """Preference pairs as {"chosen": item, "rejected": item}, both sides sharing the prompt ids; a pair is
-    skipped (counted) when either side is. A rejected answer marked "rejected_truncated" (cut by the length limit
-    where it was generated) gets no end-of-turn token: the pair never teaches anything about stopping there."""
+    skipped (counted) when either side is. A side marked "chosen_truncated" or "rejected_truncated" (cut by the
+    length limit where it was generated) gets no end-of-turn token: the pair teaches nothing about stopping there."""
     counts, out = Counter(), []
     for ex in examples:
         prompt, pair = encode_prompt(tokenizer, ex["prompt"]), {}
         for side in ("chosen", "rejected"):
             side_counts, response = Counter(), encode_response(tokenizer, ex[side], eot_id)
-            if side == "rejected" and ex.get("meta", {}).get("rejected_truncated"):
+            if ex.get("meta", {}).get(f"{side}_truncated"):
                 response = response[:-1]
-                counts["rejected_kept_truncated_without_eot"] += 1
+                counts[f"{side}_kept_truncated_without_eot"] += 1
             pair[side] = build_example(prompt, response, max_length, max_prompt_length, side_counts)
             for k, v in side_counts.items():  # prompt events happen to both sides alike: count them once
                 if not (k.startswith("prompt") and side == "rejected"):

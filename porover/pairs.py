@@ -32,8 +32,9 @@ def usable(c: dict) -> bool:
 
 def complete(c: dict) -> bool:
     """Not cut at the length limit. A chosen text must be complete (the pair teaches the student to say it, and to
-    stop); a cut rejected text is fine (its opening is what the pair pushes down), marked "rejected_truncated" so
-    that training adds no end-of-turn token after the cut."""
+    stop) unless the caller keeps cut ones (`keep_truncated`, for short generation budgets); a cut rejected text is
+    fine (its opening is what the pair pushes down). A cut side is marked "chosen_truncated" or
+    "rejected_truncated" in its row, and training adds no end-of-turn token after the cut."""
     return c.get("finish_reason") != "length"
 
 
@@ -49,7 +50,7 @@ def student_refusals(student: list[dict], k: int) -> tuple[list[dict] | None, st
 
 
 def overrefusal_pair(student: list[dict], teacher: list[dict], k: int, tau_refusal: float, by_reward: bool,
-                     rng: random.Random) -> tuple[dict | None, str]:
+                     rng: random.Random, keep_truncated: bool = False) -> tuple[dict | None, str]:
     """The pair for one seemingly toxic prompt: (the teacher's best compliant answer, the student's refusal);
     best by "_reward" when `by_reward` (a candidate whose score failed is left out), else a seeded choice."""
     refusals, why = student_refusals(student, k)
@@ -58,7 +59,7 @@ def overrefusal_pair(student: list[dict], teacher: list[dict], k: int, tau_refus
     fraction = len(refusals) / k
     if not refusals or fraction < tau_refusal:
         return None, "not_overrefused"
-    answers = [c for c in teacher if usable(c) and complete(c) and c["_refusal"] is False]
+    answers = [c for c in teacher if usable(c) and (keep_truncated or complete(c)) and c["_refusal"] is False]
     if not answers:
         return None, "no_compliant_teacher_answer"
     if by_reward:
@@ -69,15 +70,17 @@ def overrefusal_pair(student: list[dict], teacher: list[dict], k: int, tau_refus
     return {"chosen": chosen, "rejected": rng.choice(refusals), "refusal_fraction": fraction}, "pair"
 
 
-def toxic_pair(teacher: list[dict], tau: float, rng: random.Random) -> tuple[dict | None, str]:
+def toxic_pair(teacher: list[dict], tau: float, rng: random.Random,
+               keep_truncated: bool = False) -> tuple[dict | None, str]:
     """The pair for one toxic prompt: (the safest complete teacher candidate, the least safe other one), when they
     are contrastive."""
     scored = [c for c in teacher if usable(c) and safety_score(c) is not None]
     if len(scored) < 2:
         return None, "fewer_than_two_scored"
-    if not any(complete(c) for c in scored):
+    whole = [c for c in scored if keep_truncated or complete(c)]
+    if not whole:
         return None, "no_complete_candidate"
-    chosen = best([c for c in scored if complete(c)], safety_score, rng)
+    chosen = best(whole, safety_score, rng)
     rejected = best([c for c in scored if c is not chosen], lambda c: -safety_score(c), rng)
     if not (safety_score(rejected) < tau and safety_score(chosen) > 1 - tau):
         return None, "not_contrastive"
@@ -96,5 +99,5 @@ def pair_row(prompt: dict, pair: dict, kind: str, seed: int) -> dict:
                    rejected_label=rejected["_refusal_label"], chosen_reward=chosen.get("_reward"))
     else:
         why.update(chosen_safety_score=safety_score(chosen), rejected_safety_score=safety_score(rejected))
-    cut = {"rejected_truncated": True} if not complete(rejected) else {}
+    cut = {f"{side}_truncated": True for side, c in (("chosen", chosen), ("rejected", rejected)) if not complete(c)}
     return {**prompt, "chosen": chosen["text"], "rejected": rejected["text"], **cut, "pair": why}

@@ -124,6 +124,12 @@ def test_cut_texts_are_never_chosen_but_may_be_rejected():
     assert pairs.toxic_pair([scored("a", 0.0, finish="length"), scored("b", 1.0, slot=1, finish="length")], 0.01,
                             rng)[1] == "no_complete_candidate"
     assert pairs.toxic_pair(toxic[:1], 0.01, rng)[1] == "fewer_than_two_scored"
+    # keep_truncated (short generation budgets): a cut chosen text too, marked so.
+    pair, why = pairs.overrefusal_pair(student(2), teacher, 4, 0.5, False, rng, keep_truncated=True)
+    assert why == "pair" and pairs.pair_row({}, pair, "overrefusal", 0)["chosen_truncated"] is True
+    both_cut = [scored("a", 0.0, finish="length"), scored("b", 1.0, slot=1, finish="length")]
+    row = pairs.pair_row({}, pairs.toxic_pair(both_cut, 0.01, rng, keep_truncated=True)[0], "toxic", 0)
+    assert (row["chosen"], row["chosen_truncated"], row["rejected_truncated"]) == ("b", True, True)
 
 
 def test_a_cut_rejected_text_trains_without_an_end_of_turn(smol_path):
@@ -135,6 +141,9 @@ def test_a_cut_rejected_text_trains_without_an_end_of_turn(smol_path):
     (cut,), counts = chat.tokenize_pairs(tok, eot, [{**ex, "meta": {"rejected_truncated": True}}], 128)
     assert whole["rejected"]["input_ids"][-1] == eot and cut["rejected"]["input_ids"] == whole["rejected"]["input_ids"][:-1]
     assert cut["chosen"] == whole["chosen"] and counts["rejected_kept_truncated_without_eot"] == 1
+    (both,), counts = chat.tokenize_pairs(tok, eot, [{**ex, "meta": {"rejected_truncated": True,
+                                                                     "chosen_truncated": True}}], 128)
+    assert both["chosen"]["input_ids"] == whole["chosen"]["input_ids"][:-1] and counts["chosen_kept_truncated_without_eot"]
 
 
 @pytest.mark.parametrize("low,high,tau,outcome", [
