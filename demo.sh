@@ -27,10 +27,12 @@ stage() {  # stage NAME COMMAND...: run it, then say how long it took
 first() { head -n "$1" "$2"; }
 
 # The prompts: the training splits for the pipeline, the held-out eval split for the comparison.
-if [ $tiny = 1 ]; then n_gen=4; n_tox=4; n_st=4; n_eval=3; else n_gen=100; n_tox=100; n_st=124; n_eval=100; fi
+if [ $tiny = 1 ]; then n_gen=4; n_tox=4; n_free=4; n_st=4; n_eval=3
+else n_gen=100; n_tox=100; n_free=30; n_st=124; n_eval=100; fi
 epochs=$([ $tiny = 1 ] && echo 1 || echo 2)
 first $n_gen data/demo/general_train.jsonl > "$out/prompts/general.jsonl"
 first $n_tox data/demo/toxic_train.jsonl > "$out/prompts/toxic.jsonl"
+first $n_free data/demo/toxic_train.jsonl > "$out/prompts/toxic_free.jsonl"  # where the teacher may also comply
 first $n_st data/demo/seemingly_toxic_train.jsonl > "$out/prompts/seemingly_toxic.jsonl"
 cat <(first $n_eval data/demo/toxic_eval.jsonl) <(first $n_eval data/demo/seemingly_toxic_eval.jsonl) \
   > "$out/prompts/eval.jsonl"
@@ -40,12 +42,13 @@ student=smollm2-135m
 gen="$py overgen.py generate --backend local --model $student --batch_size 32"
 
 # 1. The teacher's candidates (overgeneration), then SFT data chosen by the paper's rules: general prompts at
-#    random (no reward model offline), toxic prompts by safety score (the proxy: a refusal scores 1).
+#    random (no reward model offline), toxic prompts by safety score (the proxy: a refusal scores 1). Answers are
+#    cut short to save time (a refusal shows in its first words); cut texts are trained without a stop token.
 stage "teacher: general answers" $gen --input "$out/prompts/general.jsonl" --output "$out/teacher/general.jsonl" \
   --system_prompt "$HELPFUL" --n 1 --temperature 0.7 --top_p 0.9 --max_new_tokens 64
 stage "teacher: refusals of toxic prompts (prefilled)" $gen --input "$out/prompts/toxic.jsonl" \
   --output "$out/teacher/toxic_refusals.jsonl" --prefill "$REFUSAL" --n 1 --temperature 0.7 --max_new_tokens 16
-stage "teacher: free answers to toxic prompts" $gen --input "$out/prompts/toxic.jsonl" \
+stage "teacher: free answers to toxic prompts" $gen --input "$out/prompts/toxic_free.jsonl" \
   --output "$out/teacher/toxic_free.jsonl" --n 1 --temperature 0.7 --max_new_tokens 48
 cat "$out/teacher/toxic_refusals.jsonl" "$out/teacher/toxic_free.jsonl" > "$out/teacher/toxic.jsonl"
 cat "$out/teacher/general.jsonl" "$out/teacher/toxic.jsonl" > "$out/teacher/sft_candidates.jsonl"
@@ -57,7 +60,8 @@ stage "select SFT data" $py overgen.py select --input "$out/teacher/sft_candidat
   --out_dir "$out/sft" --epochs $epochs --lr 5e-5 --max_length 128 --batch_size 8 --save_every 20 --resume
 
 # 3. POROver: the SFT model's answers to seemingly toxic prompts (the paper's decoding), the overrefused ones,
-#    the teacher's candidates for those, then the pairs of both kinds, and DPO against the SFT model.
+#    the teacher's candidates for those, then the pairs of both kinds (toxic ones where the teacher both refused
+#    and complied: here on the first $n_free toxic prompts), and DPO against the SFT model.
 stage "target answers" $gen --model "$out/sft/final" --input "$out/prompts/seemingly_toxic.jsonl" \
   --output "$out/pairs/student.jsonl" --n 1 --temperature 0.1 --top_p 0.95 --max_new_tokens 24
 stage "overrefused prompts" $py overgen.py overrefused --student "$out/pairs/student.jsonl" \
@@ -68,7 +72,7 @@ stage "teacher: answers to overrefused prompts" $gen --input "$out/pairs/overref
 cat "$out/teacher/overrefused.jsonl" "$out/teacher/toxic.jsonl" > "$out/teacher/pair_candidates.jsonl"
 stage "pairs" $py overgen.py pairs --student "$out/pairs/student.jsonl" \
   --teacher "$out/teacher/pair_candidates.jsonl" --output "$out/pairs/pairs.jsonl" --safety_judge proxy \
-  --eval_files $evals
+  --keep_truncated --eval_files $evals
 [ -f "$out/dpo/final/config.json" ] || stage "DPO" $py train_pref.py --model "$out/sft/final" \
   --data "$out/pairs/pairs.jsonl" --out_dir "$out/dpo" --loss dpo --beta 0.1 --lr 5e-6 --epochs $epochs \
   --max_length 128 --batch_size 8 --precompute_ref --save_every 10 --resume
@@ -81,7 +85,9 @@ for run in base:smollm2-135m sft:$out/sft/final porover:$out/dpo/final; do
 done
 stage "compare" $py evaluate.py compare --runs "$out/eval/base,$out/eval/sft,$out/eval/porover" \
   --out_dir "$out/compare"
-cat "$out/compare/compare.md"
+stage "compare POROver with SFT" $py evaluate.py compare --runs "$out/eval/sft,$out/eval/porover" \
+  --out_dir "$out/compare_sft" --no-plot
+cat "$out/compare/compare.md" "$out/compare_sft/compare.md"
 echo "artifacts: SFT data $out/sft_data.jsonl, SFT model $out/sft/final, pairs $out/pairs/pairs.jsonl," \
   "POROver model $out/dpo/final, evaluations $out/eval/*/results.md, table $out/compare/compare.md," \
   "plot $out/compare/compare.png (each with a .summary.json or results.json of its counts)"
