@@ -74,7 +74,7 @@ stage "pairs" $py overgen.py pairs --student "$out/pairs/student.jsonl" \
   --teacher "$out/teacher/pair_candidates.jsonl" --output "$out/pairs/pairs.jsonl" --safety_judge proxy \
   --keep_truncated --eval_files $evals
 [ -f "$out/dpo/final/config.json" ] || stage "DPO" $py train_pref.py --model "$out/sft/final" \
-  --data "$out/pairs/pairs.jsonl" --out_dir "$out/dpo" --loss dpo --beta 0.1 --lr 5e-6 --epochs $epochs \
+  --data "$out/pairs/pairs.jsonl" --out_dir "$out/dpo" --loss dpo --beta 0.1 --lr 1.25e-6 --epochs $epochs \
   --max_length 128 --batch_size 8 --precompute_ref --save_every 10 --resume
 
 # 4. Evaluation on the held-out split: base, SFT and POROver, then the comparison (paired on the same prompts).
