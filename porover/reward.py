@@ -11,6 +11,7 @@ only with `--reward_trust_remote_code`, which runs that code on your machine; po
 The conversation is rendered with the reward model's own chat template (or, without one, the turns joined by a
 blank line), right-padded in batches of similar length; scores are cached like every judge's answer.
 """
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -85,24 +86,19 @@ def scorer(cfg: RewardConfig):
     return score
 
 
-_LOADED = {}
-
-
+@functools.cache
 def load(path: str, trust_remote_code: bool, version: str):
-    """(tokenizer, model), once per process and model version."""
-    if (path, version) not in _LOADED:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """(tokenizer, model), once per process and model version (as porover.judging loads a Llama Guard)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from porover import generation, models
-        device, dtype = generation.device_and_dtype()
-        local = models.resolve_model(path)
-        model = AutoModelForSequenceClassification.from_pretrained(local, dtype=dtype,
-                                                                   trust_remote_code=trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
-        if model.config.pad_token_id is None:  # a decoder classifier finds each sequence's last token by the pad id
-            model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        _LOADED[(path, version)] = (tok, model.to(device).eval())
-    return _LOADED[(path, version)]
+    from porover import generation, models
+    device, dtype = generation.device_and_dtype()
+    local = models.resolve_model(path)
+    model = AutoModelForSequenceClassification.from_pretrained(local, dtype=dtype, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:  # a decoder classifier finds each sequence's last token by the pad id
+        model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return tok, model.to(device).eval()
 
 
 def score(cfg: RewardConfig, items: list[dict], cache: Store, counts: Counter) -> str:
